@@ -1,0 +1,3 @@
+from rlq.train import main
+
+main()

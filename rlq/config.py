@@ -1,0 +1,127 @@
+"""Config helpers: locating ``configs/``, run-directory names, the Atari preset merge, and validation
+that turns bad input into one clear line (``ConfigError``)."""
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """Bad user input. The message is one line naming the bad value and what is allowed."""
+
+
+def config_dir() -> Path:
+    """The ``configs/`` directory: beside the package in a checkout or editable install, or shipped
+    inside the package (``rlq/configs``) in a wheel."""
+    here = Path(__file__).resolve().parent
+    for cand in (here.parent / "configs", here / "configs"):
+        if (cand / "config.yaml").is_file():
+            return cand
+    raise FileNotFoundError(f"rlq configs not found next to {here}")
+
+
+def group_options(group: str) -> list[str]:
+    d = config_dir() / group
+    return sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []
+
+
+def run_name(agent: str, env: str, seed: Any) -> str:
+    safe_env = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(env))
+    return f"{agent}-{safe_env}-s{seed}"
+
+
+def default_run_dir(run_dir: Any, resume: Any, agent: str, env: str, seed: Any) -> str:
+    if run_dir not in (None, "None", "null", ""):
+        return str(run_dir)
+    if resume not in (None, "None", "null", ""):
+        return str(resume)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")[:-3]
+    return str(Path("runs") / f"{run_name(agent, env, seed)}-{stamp}")
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("rlq_run_dir"):
+        OmegaConf.register_new_resolver("rlq_run_dir", default_run_dir)
+    if not OmegaConf.has_resolver("rlq_output_subdir"):  # a resumed run keeps its original .hydra/
+        OmegaConf.register_new_resolver("rlq_output_subdir",
+                                        lambda resume: None if resume not in (None, "None", "null", "") else ".hydra")
+    if not OmegaConf.has_resolver("rlq_run_name"):
+        OmegaConf.register_new_resolver("rlq_run_name", run_name)
+
+
+def apply_env_preset(cfg: DictConfig, agent_overrides: dict[str, Any], is_atari: bool) -> DictConfig:
+    """Return a plain (non-struct) copy of ``cfg`` where, for Atari envs, the agent's ``atari:`` block
+    replaces its top-level values, then the user's explicit ``agent.*`` overrides are applied again."""
+    plain = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    preset = plain.agent.pop("atari", None)
+    if is_atari and preset:
+        for k, v in preset.items():
+            plain.agent[k] = v
+        for k, v in agent_overrides.items():
+            OmegaConf.update(plain, k, v, merge=False)
+    return plain
+
+
+# -- validation -------------------------------------------------------------------------------------------
+def _num(cfg: DictConfig, key: str, kind: type, lo: float | None = None, hi: float | None = None,
+         lo_open: bool = False, allow_zero: bool = True) -> None:
+    val = OmegaConf.select(cfg, key)
+    if val is None:
+        raise ConfigError(f"{key} is missing (expected {kind.__name__})")
+    ok_types = (int, float) if kind is float else (int,)
+    if kind is int and isinstance(val, float) and val.is_integer():
+        OmegaConf.update(cfg, key, int(val), merge=False)  # allow total_steps=2e6
+        val = int(val)
+    if isinstance(val, bool) or not isinstance(val, ok_types):
+        raise ConfigError(f"{key}={val!r} is not a{'n integer' if kind is int else ' number'}")
+    if lo is not None and (val < lo or (lo_open and val == lo)):
+        rel = ">" if lo_open else ">="
+        raise ConfigError(f"{key}={val} is out of range: must be {rel} {lo}" + (f" and <= {hi}" if hi is not None else ""))
+    if hi is not None and val > hi:
+        raise ConfigError(f"{key}={val} is out of range: must be <= {hi}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check a composed config before anything is built or written. Raises ``ConfigError``."""
+    from rlq.agents import agent_names
+
+    _num(cfg, "seed", int, 0)
+    _num(cfg, "total_steps", int, 1)
+    _num(cfg, "threads", int, 0)
+    _num(cfg, "env.num_envs", int, 1)
+    _num(cfg, "eval.every", int, 0)
+    _num(cfg, "eval.episodes", int, 1)
+    _num(cfg, "eval.num_envs", int, 1)
+    _num(cfg, "checkpoint.every", int, 0)
+    _num(cfg, "checkpoint.keep", int, 0)
+    _num(cfg, "log.every", int, 1)
+    _num(cfg, "env.eval_epsilon", float, 0, 1)
+    if cfg.device not in ("cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
+        raise ConfigError(f"device={cfg.device!r} is not a device: use cpu or cuda[:N]")
+    a = cfg.agent
+    if a.name not in agent_names():
+        raise ConfigError(f"unknown agent name {a.name!r}: choose one of {', '.join(agent_names())}")
+    for key, kind, lo, hi in (("gamma", float, 0, 1), ("lr", float, 0, None), ("batch_size", int, 1, None),
+                              ("buffer_size", int, 1, None), ("learning_starts", int, 0, None),
+                              ("train_freq", int, 1, None), ("gradient_steps", int, 1, None),
+                              ("n_step", int, 1, None)):
+        if key in a:
+            _num(cfg, f"agent.{key}", kind, lo, hi, lo_open=(key == "lr"))
+    if "buffer_size" in a and "batch_size" in a and a.buffer_size < a.batch_size:
+        raise ConfigError(f"agent.buffer_size={a.buffer_size} is smaller than agent.batch_size={a.batch_size}")
+    if "buffer_size" in a and a.buffer_size < cfg.env.num_envs * 8:
+        raise ConfigError(f"agent.buffer_size={a.buffer_size} is too small for env.num_envs={cfg.env.num_envs}: "
+                          f"needs >= {cfg.env.num_envs * 8}")
+    for key in ("tau", "eps_start", "eps_end"):
+        if key in a:
+            _num(cfg, f"agent.{key}", float, 0, 1)
+    if "target_update_period" in a:
+        _num(cfg, "agent.target_update_period", int, 1)
+    if "encoder" in a and a.encoder not in ("auto", "cnn", "mlp"):
+        raise ConfigError(f"agent.encoder={a.encoder!r} is not an encoder: choose one of auto, cnn, mlp")
+    if cfg.quant.name != "none":
+        raise ConfigError(f"quant={cfg.quant.name!r} is not available yet: choose one of {', '.join(group_options('quant'))}")

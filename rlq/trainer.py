@@ -1,0 +1,246 @@
+"""The training loop shared by every off-policy agent (see DESIGN.md, "One training step, as data").
+
+The Trainer is the only place that knows about time: env steps, ``learning_starts``, ``train_freq``,
+evaluation and checkpoint schedules, logging. Steps are counted in env steps summed over the vector
+envs (``total_steps``, ``eval.every``, ``checkpoint.every``, ``learning_starts``, ε schedule);
+``train_freq`` counts vector steps, so with ``num_envs=N`` one update round happens every
+``N * train_freq`` env steps and ``gradient_steps`` sets the updates per round.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from rlq.agents import Agent, make_agent
+from rlq.checkpoint import save_checkpoint, space_to_dict
+from rlq.envs import make_env
+from rlq.evaluation import iqm, run_episodes
+from rlq.logging import ProgressLine, RunLogger
+from rlq.replay import ReplayBuffer
+
+# env config keys that belong to the trainer, not to make_env
+TRAINER_ENV_KEYS = ("name", "num_envs", "clip_rewards", "eval_epsilon")
+
+
+class TrainingStopped(Exception):
+    """Raised inside the loop when a stop was requested (signal) or training diverged."""
+
+
+def env_kwargs(env_cfg: DictConfig | dict) -> dict[str, Any]:
+    d = OmegaConf.to_container(env_cfg, resolve=True) if isinstance(env_cfg, DictConfig) else dict(env_cfg)
+    return {k: v for k, v in d.items() if k not in TRAINER_ENV_KEYS}
+
+
+def make_env_from_cfg(env_cfg: DictConfig, num_envs: int, seed: int):
+    return make_env(env_cfg.name, num_envs=num_envs, seed=seed, **env_kwargs(env_cfg))
+
+
+class Trainer:
+    """Runs one training job in ``run_dir`` from a resolved config (see ``configs/config.yaml``)."""
+
+    def __init__(self, cfg: DictConfig, run_dir: str | Path, resume_from: dict[str, Any] | None = None):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        if int(cfg.threads) > 0:
+            torch.set_num_threads(int(cfg.threads))
+        seed = int(cfg.seed)
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+
+        self.env = make_env_from_cfg(cfg.env, int(cfg.env.num_envs), seed)
+        self.num_envs = int(cfg.env.num_envs)
+        obs_space, act_space = self.env.single_observation_space, self.env.single_action_space
+        self.spaces = {"observation": space_to_dict(obs_space), "action": space_to_dict(act_space)}
+        self.agent: Agent = make_agent(cfg.agent, obs_space, act_space, device=cfg.device)
+        a = cfg.agent
+        self.buffer = ReplayBuffer(
+            capacity=int(a.buffer_size), num_envs=self.num_envs, obs_shape=obs_space.shape,
+            obs_dtype=obs_space.dtype, action_shape=() if act_space.shape is None else act_space.shape,
+            action_dtype=np.int64 if act_space.shape == () else np.float32,
+            n_step=int(a.get("n_step", 1)), gamma=float(a.gamma),
+            frame_stack=int(cfg.env.frame_stack) if getattr(self.env, "is_atari", False) else 0,
+            seed=seed,
+        )
+        self.step = 0            # env steps, summed over envs
+        self.vector_steps = 0
+        self.updates = 0
+        self.episodes = 0
+        self.best_eval = -math.inf
+        self.recent_returns: deque[float] = deque(maxlen=20)
+        self._stop_reason: str | None = None
+        if resume_from is not None:
+            self._restore(resume_from)
+        self.logger = RunLogger(self.run_dir, tensorboard=bool(cfg.log.tensorboard))
+        self.progress = ProgressLine(int(cfg.total_steps), enabled=bool(cfg.log.progress))
+        self._eval_env = None
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def payload(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "spaces": self.spaces,
+            "agent": self.agent.state_dict(),
+            "trainer": {"step": self.step, "vector_steps": self.vector_steps, "updates": self.updates,
+                        "episodes": self.episodes, "best_eval": self.best_eval,
+                        "recent_returns": list(self.recent_returns)},
+            "rng": {"torch": torch.get_rng_state(), "numpy": _np_global_state()},
+        }
+        if self.cfg.checkpoint.save_replay:
+            state["replay"] = self.buffer.state_dict()
+        return state
+
+    def save(self) -> Path:
+        path = save_checkpoint(self.run_dir, self.step, self.payload(), keep=int(self.cfg.checkpoint.keep))
+        self.logger.flush()
+        return path
+
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        self.agent.load_state_dict(ckpt["agent"])
+        t = ckpt["trainer"]
+        self.step, self.vector_steps, self.updates = int(t["step"]), int(t["vector_steps"]), int(t["updates"])
+        self.episodes, self.best_eval = int(t["episodes"]), float(t["best_eval"])
+        self.recent_returns.extend(t["recent_returns"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        _set_np_global_state(ckpt["rng"]["numpy"])
+        if "replay" in ckpt:
+            self.buffer.load_state_dict(ckpt["replay"])
+
+    # -- evaluation ---------------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        e = self.cfg.eval
+        episodes = int(e.episodes)
+        if self._eval_env is None:
+            self._eval_env = make_env_from_cfg(self.cfg.env, min(int(e.num_envs), episodes), int(self.cfg.seed) + 10_000)
+        returns, lengths = run_episodes(lambda o: self.agent.act(o, explore=False), self._eval_env, episodes,
+                                        seed=int(self.cfg.seed) + 10_000, epsilon=float(self.cfg.env.eval_epsilon))
+        out = {"return_mean": float(returns.mean()), "return_std": float(returns.std()),
+               "return_iqm": iqm(returns), "length_mean": float(lengths.mean())}
+        self.best_eval = max(self.best_eval, out["return_mean"])
+        return out
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def _request_stop(self, signum, _frame) -> None:
+        self._stop_reason = signal.Signals(signum).name
+
+    def train(self) -> dict[str, Any]:
+        """Run until ``total_steps``; returns a summary. SIGINT/SIGTERM save a checkpoint and stop."""
+        cfg, a = self.cfg, self.cfg.agent
+        total = int(cfg.total_steps)
+        n = self.num_envs
+        train_freq = int(a.train_freq)
+        # a resumed run without saved replay refills the buffer before updating again
+        min_fill = max(int(a.batch_size), min(int(a.learning_starts), int(a.buffer_size)))
+        gradient_steps, batch_size = int(a.gradient_steps), int(a.batch_size)
+        eval_every, ckpt_every, log_every = int(cfg.eval.every), int(cfg.checkpoint.every), int(cfg.log.every)
+        clip = bool(cfg.env.clip_rewards)
+        old_handlers = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        obs, _ = self.env.reset(seed=int(cfg.seed) + self.step)  # a resumed run starts fresh episodes
+        t0, step0, upd0 = time.perf_counter(), self.step, self.updates
+        t_log, step_log, upd_log = t0, self.step, self.updates
+        last_metrics: dict[str, float] = {}
+        last_eval: dict[str, float] = {}
+        try:
+            while self.step < total:
+                self.agent.set_step(self.step)
+                actions = self.agent.act(obs, explore=True)
+                next_obs, reward, terminated, truncated, info = self.env.step(actions)
+                learn_reward = np.clip(reward, -1.0, 1.0) if clip else reward
+                learn_term = terminated | info["life_loss"] if "life_loss" in info else terminated
+                self.buffer.add(obs, actions, learn_reward, learn_term, truncated, next_obs,
+                                episode_end=terminated | truncated)
+                obs = next_obs
+                prev_step = self.step
+                self.step += n
+                self.vector_steps += 1
+
+                if "_episode" in info and info["_episode"].any():
+                    mask = info["_episode"]
+                    for r, l in zip(info["episode"]["r"][mask], info["episode"]["l"][mask]):
+                        self.episodes += 1
+                        self.recent_returns.append(float(r))
+                        self.logger.log(self.step, {"episode_return": float(r), "episode_length": float(l)},
+                                        kind="episode")
+
+                if self.vector_steps % train_freq == 0 and len(self.buffer) >= min_fill:
+                    for _ in range(gradient_steps):
+                        batch = self.buffer.sample(batch_size)
+                        out = self.agent.update(batch)
+                        self.updates += 1
+                        self.agent.on_update_round(self.updates)
+                        if out.priorities is not None:
+                            self.buffer.update_priorities(batch.idx.numpy(), out.priorities)
+                        last_metrics = out.metrics
+                        loss = out.metrics.get("loss")
+                        if loss is not None and not math.isfinite(loss):
+                            raise TrainingStopped(
+                                f"non-finite loss ({loss}) at step {self.step}: training diverged; the last "
+                                f"good checkpoint in {self.run_dir / 'checkpoints'} is kept (lower agent.lr?)")
+
+                if self.step // log_every > prev_step // log_every or self.step >= total:
+                    now = time.perf_counter()
+                    dt = max(now - t_log, 1e-9)
+                    sps, ups = (self.step - step_log) / dt, (self.updates - upd_log) / dt
+                    t_log, step_log, upd_log = now, self.step, self.updates
+                    record = {"sps": sps, "updates_per_s": ups, "updates": float(self.updates),
+                              "episodes": float(self.episodes), **self.agent.schedule_metrics(), **last_metrics}
+                    if self.recent_returns:
+                        record["return_recent"] = float(np.mean(self.recent_returns))
+                    self.logger.log(self.step, record)
+                    self.progress.update(self.step, {"sps": round(sps), "ret": record.get("return_recent"),
+                                                     "eval": last_eval.get("return_mean")})
+
+                if ((eval_every > 0 and self.step // eval_every > prev_step // eval_every)
+                        or (self.step >= total and cfg.eval.final)):
+                    last_eval = self.evaluate()
+                    self.logger.log(self.step, last_eval, kind="eval")
+                    self.progress.update(self.step, {"eval": last_eval["return_mean"],
+                                                     "iqm": last_eval["return_iqm"]}, force=True)
+
+                if ckpt_every > 0 and self.step // ckpt_every > prev_step // ckpt_every:
+                    self.save()
+                if self._stop_reason is not None:
+                    raise TrainingStopped(f"stopped by {self._stop_reason}")
+        except TrainingStopped as stop:
+            if self._stop_reason is not None:
+                path = self.save()
+                print(f"\n{stop} at step {self.step}; checkpoint saved to {path}. Resume with:\n"
+                      f"  python -m rlq.train resume={self.run_dir}", file=sys.stderr)
+            raise
+        finally:
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+            self.progress.close()
+        path = self.save()
+        elapsed = time.perf_counter() - t0
+        summary = {"step": self.step, "updates": self.updates, "episodes": self.episodes,
+                   "wall_s": elapsed, "sps": (self.step - step0) / max(elapsed, 1e-9),
+                   "updates_per_s": (self.updates - upd0) / max(elapsed, 1e-9),
+                   "eval": last_eval, "best_eval": self.best_eval, "checkpoint": str(path)}
+        self.logger.close()
+        return summary
+
+    def close(self) -> None:
+        self.env.close()
+        if self._eval_env is not None:
+            self._eval_env.close()
+
+
+def _np_global_state() -> dict[str, Any]:
+    """numpy's legacy global RNG state with plain/tensor values (checkpoints load with weights_only)."""
+    name, key, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    return {"name": name, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "gauss": float(gauss)}
+
+
+def _set_np_global_state(s: dict[str, Any]) -> None:
+    np.random.set_state((s["name"], s["key"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["gauss"]))
