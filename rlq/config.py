@@ -53,16 +53,24 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("rlq_run_name", run_name)
 
 
-def apply_env_preset(cfg: DictConfig, agent_overrides: dict[str, Any], is_atari: bool) -> DictConfig:
-    """Return a plain (non-struct) copy of ``cfg`` where, for Atari envs, the agent's ``atari:`` block
-    replaces its top-level values, then the user's explicit ``agent.*`` overrides are applied again."""
+def apply_env_preset(cfg: DictConfig, user_overrides: dict[str, Any], is_atari: bool) -> DictConfig:
+    """Return a plain (non-struct) copy of ``cfg`` with the ``atari:`` blocks applied for Atari envs.
+
+    Two blocks exist: the top-level ``atari:`` of ``config.yaml`` (eval/checkpoint cadence) and the
+    agent's ``agent.atari:`` (its Atari hyper-parameters). For an Atari env each replaces the values it
+    names, then the user's explicit ``key=value`` overrides are applied again so the command line wins.
+    """
     plain = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    preset = plain.agent.pop("atari", None)
-    if is_atari and preset:
-        for k, v in preset.items():
-            plain.agent[k] = v
-        for k, v in agent_overrides.items():
-            OmegaConf.update(plain, k, v, merge=False)
+    top = plain.pop("atari", None)
+    agent = plain.agent.pop("atari", None) if "agent" in plain else None
+    if is_atari:
+        if top:
+            plain = OmegaConf.merge(plain, top)
+        if agent:
+            plain.agent = OmegaConf.merge(plain.agent, agent)
+        for k, v in user_overrides.items():
+            if OmegaConf.select(plain, k) is not None or "." in k:
+                OmegaConf.update(plain, k, v, merge=False)
     return plain
 
 

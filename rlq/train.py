@@ -103,9 +103,10 @@ def build_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
         spec = resolve_env(cfg.env.name)
     except ValueError as e:
         raise ConfigError(str(e).splitlines()[0]) from None
-    agent_overrides = {k: v for k, v in _parse_overrides([o for o in overrides if "=" in o]).items()
-                       if k.startswith("agent.")}
-    plain = apply_env_preset(cfg, agent_overrides, spec.kind == "atari")
+    groups = ("agent", "env", "quant")
+    user = {k: v for k, v in _parse_overrides([o for o in overrides if "=" in o]).items()
+            if k not in groups and not k.startswith("hydra")}
+    plain = apply_env_preset(cfg, user, spec.kind == "atari")
     plain.pop("hydra", None)
     validate(plain)
     return plain
@@ -162,9 +163,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         saved_agent = ckpt["config"]["agent"]["name"]
         if saved_agent != cfg.agent.name:
             raise ConfigError(f"resume: checkpoint agent {saved_agent!r} differs from config agent {cfg.agent.name!r}")
+    try:  # building envs, agent and buffer validates the combination (e.g. an MLP encoder on Atari)
+        trainer = Trainer(cfg, run_dir, resume_from=ckpt)
+    except (ValueError, TypeError, ImportError) as e:
+        raise ConfigError(str(e).strip().splitlines()[0]) from None
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_text(OmegaConf.to_yaml(cfg), run_dir / "config.yaml")
-    trainer = Trainer(cfg, run_dir, resume_from=ckpt)
     try:
         if ckpt is not None:
             print(f"resuming {run_dir} from step {trainer.step}")

@@ -79,8 +79,7 @@ class Trainer:
         self._stop_reason: str | None = None
         if resume_from is not None:
             self._restore(resume_from)
-        self.logger = RunLogger(self.run_dir, tensorboard=bool(cfg.log.tensorboard))
-        self.progress = ProgressLine(int(cfg.total_steps), enabled=bool(cfg.log.progress))
+        self.logger: RunLogger | None = None  # created by train(): building a Trainer writes nothing
         self._eval_env = None
 
     # -- checkpoints --------------------------------------------------------------------------------
@@ -100,7 +99,8 @@ class Trainer:
 
     def save(self) -> Path:
         path = save_checkpoint(self.run_dir, self.step, self.payload(), keep=int(self.cfg.checkpoint.keep))
-        self.logger.flush()
+        if self.logger is not None:
+            self.logger.flush()
         return path
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
@@ -142,6 +142,8 @@ class Trainer:
         gradient_steps, batch_size = int(a.gradient_steps), int(a.batch_size)
         eval_every, ckpt_every, log_every = int(cfg.eval.every), int(cfg.checkpoint.every), int(cfg.log.every)
         clip = bool(cfg.env.clip_rewards)
+        self.logger = RunLogger(self.run_dir, tensorboard=bool(cfg.log.tensorboard))
+        self.progress = ProgressLine(total, enabled=bool(cfg.log.progress))
         old_handlers = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
 
         obs, _ = self.env.reset(seed=int(cfg.seed) + self.step)  # a resumed run starts fresh episodes
@@ -226,10 +228,12 @@ class Trainer:
                    "wall_s": elapsed, "sps": (self.step - step0) / max(elapsed, 1e-9),
                    "updates_per_s": (self.updates - upd0) / max(elapsed, 1e-9),
                    "eval": last_eval, "best_eval": self.best_eval, "checkpoint": str(path)}
-        self.logger.close()
+        self.logger.flush()
         return summary
 
     def close(self) -> None:
+        if self.logger is not None:
+            self.logger.close()
         self.env.close()
         if self._eval_env is not None:
             self._eval_env.close()

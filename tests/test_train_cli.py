@@ -120,7 +120,8 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize("args, message", BAD_INPUTS)
 def test_bad_input_one_line_no_run_dir(cli, tmp_path, args, message):
-    res = cli("rlq.train", *args, "total_steps=100" if not any(a.startswith("total_steps") for a in args) else "")
+    extra = [] if any(a.startswith("total_steps") for a in args) else ["total_steps=100"]
+    res = cli("rlq.train", *args, *extra)
     assert res.returncode == 2, (res.stdout, res.stderr)
     lines = [l for l in res.stderr.strip().splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.stderr
