@@ -49,6 +49,8 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("rlq_output_subdir"):  # a resumed run keeps its original .hydra/
         OmegaConf.register_new_resolver("rlq_output_subdir",
                                         lambda resume: None if resume not in (None, "None", "null", "") else ".hydra")
+    if not OmegaConf.has_resolver("rlq_unless"):  # ${rlq_unless:${.noisy},1.0}: 0 when the flag is on
+        OmegaConf.register_new_resolver("rlq_unless", lambda flag, value: 0.0 if flag else value)
     if not OmegaConf.has_resolver("rlq_run_name"):
         OmegaConf.register_new_resolver("rlq_run_name", run_name)
 

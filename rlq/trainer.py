@@ -25,7 +25,7 @@ from rlq.checkpoint import save_checkpoint, space_to_dict
 from rlq.envs import make_env
 from rlq.evaluation import iqm, run_episodes
 from rlq.logging import ProgressLine, RunLogger
-from rlq.replay import ReplayBuffer
+from rlq.replay import PrioritizedSampler, ReplayBuffer
 
 # env config keys that belong to the trainer, not to make_env
 TRAINER_ENV_KEYS = ("name", "num_envs", "clip_rewards", "eval_epsilon")
@@ -50,8 +50,6 @@ class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: str | Path, resume_from: dict[str, Any] | None = None):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        if int(cfg.threads) > 0:
-            torch.set_num_threads(int(cfg.threads))
         seed = int(cfg.seed)
         torch.manual_seed(seed)
         np.random.seed(seed)
@@ -59,16 +57,25 @@ class Trainer:
         self.env = make_env_from_cfg(cfg.env, int(cfg.env.num_envs), seed)
         self.num_envs = int(cfg.env.num_envs)
         obs_space, act_space = self.env.single_observation_space, self.env.single_action_space
+        # threads=0: one thread for small vector-observation nets (a second thread only adds sync
+        # overhead there, and leaves a core to the env / other runs), torch's default for pixels
+        threads = int(cfg.threads) or (1 if len(obs_space.shape) < 3 else 0)
+        if threads > 0:
+            torch.set_num_threads(threads)
         self.spaces = {"observation": space_to_dict(obs_space), "action": space_to_dict(act_space)}
         self.agent: Agent = make_agent(cfg.agent, obs_space, act_space, device=cfg.device)
         a = cfg.agent
+        capacity = (int(a.buffer_size) // self.num_envs) * self.num_envs
+        self.per = bool(a.get("prioritized", False))
+        sampler = PrioritizedSampler(capacity, alpha=float(a.per_alpha), beta0=float(a.per_beta0),
+                                     eps=float(a.per_eps), seed=seed) if self.per else None
         self.buffer = ReplayBuffer(
-            capacity=int(a.buffer_size), num_envs=self.num_envs, obs_shape=obs_space.shape,
+            capacity=capacity, num_envs=self.num_envs, obs_shape=obs_space.shape,
             obs_dtype=obs_space.dtype, action_shape=() if act_space.shape is None else act_space.shape,
             action_dtype=np.int64 if act_space.shape == () else np.float32,
             n_step=int(a.get("n_step", 1)), gamma=float(a.gamma),
             frame_stack=int(cfg.env.frame_stack) if getattr(self.env, "is_atari", False) else 0,
-            seed=seed,
+            sampler=sampler, seed=seed,
         )
         self.step = 0            # env steps, summed over envs
         self.vector_steps = 0
@@ -174,6 +181,8 @@ class Trainer:
                                         kind="episode")
 
                 if self.vector_steps % train_freq == 0 and len(self.buffer) >= min_fill:
+                    if self.per:  # importance-sampling exponent: beta0 -> 1 over the run
+                        self.buffer.sampler.set_progress(self.step / total)
                     for _ in range(gradient_steps):
                         batch = self.buffer.sample(batch_size)
                         out = self.agent.update(batch)

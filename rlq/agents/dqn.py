@@ -28,7 +28,22 @@ Atari defaults (the ``atari:`` block) and deviations from the Nature paper
     - Rewards are clipped to [-1, 1] for learning (``env.clip_rewards``), raw returns are logged.
     - Dueling head: value and advantage streams are single linear layers on top of the shared 512-unit
       feature layer of the Nature CNN (Wang et al. give each stream its own 512-unit hidden layer;
-      set ``dueling_hidden: 512`` for that).
+      set ``head_hidden: 512`` with ``cnn_features: 0`` for that).
+
+Rainbow (Hessel et al. 2018, ``configs/agent/rainbow.yaml``) is this agent with every switch on:
+``double``, ``dueling``, ``noisy`` (NoisyNet heads, Fortunato et al. 2018), ``distributional`` (C51,
+Bellemare et al. 2017), ``prioritized`` (proportional PER, Schaul et al. 2016) and ``n_step: 3``.
+Atari values follow the paper: Adam lr 6.25e-5 / eps 1.5e-4, 51 atoms on [-10, 10], noisy sigma0 0.5,
+PER alpha 0.5 with beta 0.4 -> 1 over the run and priority = the C51 cross-entropy, n = 3, target
+copied every 8k agent steps (2000 updates), learning starts after 80k frames (20k agent steps),
+update every 4 agent steps, batch 32, replay 1M, epsilon 0 (noisy nets explore). Architecture: the
+Nature-CNN conv torso (``cnn_features: 0``) feeding noisy dueling value/advantage streams of 512
+units each, as in the paper. Deviations: evaluation acts with the noisy layers' mean weights (no
+noise; with ``env.eval_epsilon`` 0.001); new noise is drawn once per acting step (shared by the
+vector envs) and once per update for the online and target nets. The CartPole preset (top level)
+uses support [0, 100] (gamma = 0.99 keeps Q below 100), an MLP 256 with 128-unit noisy streams,
+lr 1e-3, batch 64, target copy every 50 updates. Each switch can be turned off for ablations
+(``agent.noisy=false`` brings epsilon-greedy back: 1.0 -> 0.05 over 10k steps).
 
 n-step returns come from the replay buffer (``n_step``), whose batches carry the bootstrap factor
 ``discount = gamma^k`` (0 after a terminal), so the same target serves every n.
@@ -43,8 +58,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from contextlib import nullcontext
+
 from rlq.agents.base import Agent, UpdateOut, register
 from rlq.nets import DuelingHead, QHead, QNetwork, make_encoder
+from rlq.nets.distributional import CategoricalHead, categorical_loss, categorical_projection, gather_actions
+from rlq.nets.noisy import linear_factory, noise_disabled, reset_noise
 from rlq.replay.base import Batch
 
 
@@ -56,9 +75,11 @@ def linear_schedule(start: float, end: float, duration: int, step: int) -> float
     return start + frac * (end - start)
 
 
-@register("dqn", "double_dqn", "dueling_dqn")
+@register("dqn", "double_dqn", "dueling_dqn", "rainbow")
 class DQNAgent(Agent):
-    """ε-greedy Q-learning agent with optional Double-Q targets and a dueling head."""
+    """Q-learning agent; switches: ``double``, ``dueling``, ``noisy``, ``distributional`` (C51), and,
+    through the replay buffer, ``n_step`` and ``prioritized``. See the module docstring and
+    ``rlq.agents.rainbow`` for Rainbow's settings."""
 
     def __init__(self, cfg: Any, observation_space: gym.Space, action_space: gym.Space, device: str = "cpu"):
         super().__init__(cfg, observation_space, action_space, device)
@@ -68,6 +89,8 @@ class DQNAgent(Agent):
         self.n_actions = int(action_space.n)
         # hyper-parameters read once: OmegaConf attribute access is slow on the acting/update path
         self.double = bool(cfg.double)
+        self.noisy = bool(cfg.get("noisy", False))
+        self.distributional = bool(cfg.get("distributional", False))
         self.eps_start, self.eps_end = float(cfg.eps_start), float(cfg.eps_end)
         self.eps_decay_steps = int(cfg.eps_decay_steps)
         self.tau, self.target_update_period = float(cfg.tau), int(cfg.target_update_period)
@@ -87,10 +110,15 @@ class DQNAgent(Agent):
         cfg = self.cfg
         enc = make_encoder(cfg.encoder, self.observation_space.shape, self.observation_space.dtype,
                            hidden=tuple(cfg.hidden), cnn_features=int(cfg.cnn_features))
-        if cfg.dueling:
-            head: nn.Module = DuelingHead(enc.out_dim, self.n_actions, int(cfg.dueling_hidden))
+        hidden, sigma0 = int(cfg.head_hidden), float(cfg.get("sigma0", 0.5))
+        if self.distributional:
+            head: nn.Module = CategoricalHead(enc.out_dim, self.n_actions, int(cfg.atoms), float(cfg.v_min),
+                                              float(cfg.v_max), dueling=bool(cfg.dueling), hidden=hidden,
+                                              noisy=self.noisy, sigma0=sigma0)
+        elif cfg.dueling:
+            head = DuelingHead(enc.out_dim, self.n_actions, hidden, linear_factory(self.noisy, sigma0))
         else:
-            head = QHead(enc.out_dim, self.n_actions)
+            head = QHead(enc.out_dim, self.n_actions, hidden, linear_factory(self.noisy, sigma0))
         return QNetwork(enc, head)
 
     def policy_net(self) -> nn.Module:
@@ -107,9 +135,13 @@ class DQNAgent(Agent):
     def schedule_metrics(self) -> dict[str, float]:
         return {"epsilon": self.epsilon}
 
-    def greedy(self, obs: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            q = self.online(torch.as_tensor(obs, device=self.device))
+    def greedy(self, obs: np.ndarray, noise: bool = False) -> np.ndarray:
+        """argmax_a Q(obs, a); with noisy nets, ``noise=True`` acts with freshly sampled noise and
+        ``noise=False`` with the mean weights (evaluation)."""
+        if noise:
+            reset_noise(self.online)
+        with torch.inference_mode(), (nullcontext() if noise else noise_disabled(self.online)):
+            q = self.online.q_values(torch.as_tensor(obs, device=self.device))
         return q.argmax(dim=1).cpu().numpy()
 
     def act(self, obs: np.ndarray, explore: bool) -> np.ndarray:
@@ -117,7 +149,7 @@ class DQNAgent(Agent):
         eps = self.epsilon if explore else 0.0
         if eps >= 1.0:  # warm-up: skip the forward pass entirely
             return self.rng.integers(self.n_actions, size=n)
-        actions = self.greedy(obs)
+        actions = self.greedy(obs, noise=explore and self.noisy)
         if eps > 0.0:
             rand = self.rng.random(n) < eps
             if rand.any():
@@ -125,21 +157,45 @@ class DQNAgent(Agent):
         return actions
 
     # -- learning -----------------------------------------------------------------------------------
+    def _next_action(self, batch: Batch, target_out: torch.Tensor) -> torch.Tensor:
+        """Greedy next action (B, 1): from the online net (Double DQN) or the target net's output."""
+        if self.double:
+            return self.online.q_values(batch.next_obs).argmax(dim=1, keepdim=True)
+        q = self.target.head.q_values(target_out) if self.distributional else target_out
+        return q.argmax(dim=1, keepdim=True)
+
     def td_target(self, batch: Batch) -> torch.Tensor:
+        """Scalar target ``r + discount * Q_target(s', a*)``."""
         with torch.no_grad():
             q_next_target = self.target(batch.next_obs)
-            if self.double:
-                a_star = self.online(batch.next_obs).argmax(dim=1, keepdim=True)
-            else:
-                a_star = q_next_target.argmax(dim=1, keepdim=True)
-            q_next = q_next_target.gather(1, a_star).squeeze(1)
+            q_next = q_next_target.gather(1, self._next_action(batch, q_next_target)).squeeze(1)
             return batch.reward + batch.discount * q_next
 
+    def distributional_target(self, batch: Batch) -> torch.Tensor:
+        """C51 target: the target net's distribution at a*, projected through ``r + discount * z``."""
+        with torch.no_grad():
+            next_log_p = self.target(batch.next_obs)
+            a_star = self._next_action(batch, next_log_p).squeeze(1)
+            next_p = gather_actions(next_log_p, a_star).exp()
+            return categorical_projection(next_p, batch.reward, batch.discount, self.online.head.support)
+
     def update(self, batch: Batch) -> UpdateOut:
-        q = self.online(batch.obs).gather(1, batch.action.long().unsqueeze(1)).squeeze(1)
-        target = self.td_target(batch)
-        td = target - q
-        loss = (batch.weights * F.smooth_l1_loss(q, target, reduction="none")).mean()
+        if self.noisy:  # fresh noise for this update, independent for online and target
+            reset_noise(self.online)
+            reset_noise(self.target)
+        action = batch.action.long()
+        if self.distributional:
+            log_p = self.online(batch.obs)
+            log_p_a = gather_actions(log_p, action)
+            per_sample = categorical_loss(log_p_a, self.distributional_target(batch))
+            loss = (batch.weights * per_sample).mean()
+            q = self.online.head.q_values(log_p.detach()).gather(1, action.unsqueeze(1)).squeeze(1)
+            priority = per_sample.detach()
+        else:
+            q = self.online(batch.obs).gather(1, action.unsqueeze(1)).squeeze(1)
+            target = self.td_target(batch)
+            loss = (batch.weights * F.smooth_l1_loss(q, target, reduction="none")).mean()
+            priority = (target - q).detach().abs()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.max_grad_norm > 0:
@@ -147,10 +203,9 @@ class DQNAgent(Agent):
         self.optimizer.step()
         self.updates += 1
         self._update_target()
-        td_abs = td.detach().abs()
         return UpdateOut(
-            metrics={"loss": loss.item(), "q_mean": q.detach().mean().item(), "td_abs": td_abs.mean().item()},
-            priorities=td_abs.cpu().numpy(),
+            metrics={"loss": loss.item(), "q_mean": q.detach().mean().item(), "priority": priority.mean().item()},
+            priorities=priority.cpu().numpy(),
         )
 
     def _update_target(self) -> None:

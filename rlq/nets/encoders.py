@@ -16,7 +16,9 @@ class NatureCNN(nn.Module):
     """The convolutional torso of Mnih et al. 2015 (Nature DQN): 84x84 frames -> ``out_dim`` features.
 
     conv 32x8x8/4 -> conv 64x4x4/2 -> conv 64x3x3/1 -> flatten (3136) -> linear 512, ReLU after each.
-    uint8 input is scaled by 1/255 inside ``forward``.
+    uint8 input is scaled by 1/255 inside ``forward``. ``out_dim=0`` drops the linear layer (the
+    features are the 3136 flattened conv outputs; heads with their own hidden layers use this, e.g.
+    Rainbow's noisy dueling streams).
     """
 
     def __init__(self, in_channels: int = 4, out_dim: int = 512, input_hw: tuple[int, int] = (84, 84)):
@@ -29,8 +31,8 @@ class NatureCNN(nn.Module):
         )
         with torch.no_grad():
             n_flat = self.convs(torch.zeros(1, in_channels, *input_hw)).shape[1]
-        self.fc = nn.Sequential(nn.Linear(n_flat, out_dim), nn.ReLU())
-        self.out_dim = out_dim
+        self.fc = nn.Sequential(nn.Linear(n_flat, out_dim), nn.ReLU()) if out_dim else nn.Identity()
+        self.out_dim = out_dim or n_flat
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         x = obs.float() / 255.0 if obs.dtype == torch.uint8 else obs.float()

@@ -1,16 +1,23 @@
 """Q-value heads and the encoder+head Q-network used by the DQN family."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
+Linear = Callable[[int, int], nn.Module]  # a layer factory: nn.Linear, or a NoisyLinear partial
+
 
 class QHead(nn.Module):
-    """A linear layer from features to one Q-value per action."""
+    """A linear layer (``hidden`` > 0: a hidden ReLU layer first) from features to one Q-value per action."""
 
-    def __init__(self, in_dim: int, n_actions: int):
+    def __init__(self, in_dim: int, n_actions: int, hidden: int = 0, linear: Linear = nn.Linear):
         super().__init__()
-        self.q = nn.Linear(in_dim, n_actions)
+        if hidden:
+            self.q: nn.Module = nn.Sequential(linear(in_dim, hidden), nn.ReLU(), linear(hidden, n_actions))
+        else:
+            self.q = linear(in_dim, n_actions)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.q(h)
@@ -20,13 +27,13 @@ class DuelingHead(nn.Module):
     """Wang et al. 2016: Q(s, a) = V(s) + A(s, a) - mean_a A(s, a), with separate value and advantage
     streams (``hidden`` units each, 0 for a single linear layer per stream)."""
 
-    def __init__(self, in_dim: int, n_actions: int, hidden: int = 0):
+    def __init__(self, in_dim: int, n_actions: int, hidden: int = 0, linear: Linear = nn.Linear):
         super().__init__()
 
         def stream(out: int) -> nn.Module:
             if hidden:
-                return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, out))
-            return nn.Linear(in_dim, out)
+                return nn.Sequential(linear(in_dim, hidden), nn.ReLU(), linear(hidden, out))
+            return linear(in_dim, out)
 
         self.value = stream(1)
         self.advantage = stream(n_actions)
@@ -37,12 +44,19 @@ class DuelingHead(nn.Module):
 
 
 class QNetwork(nn.Module):
-    """encoder -> head. ``forward(obs)`` returns Q-values of shape (B, n_actions)."""
+    """encoder -> head. ``forward(obs)`` returns the head's output: Q-values (B, n_actions), or for a
+    distributional head the log-probabilities (B, n_actions, atoms). ``q_values(obs)`` always returns
+    Q-values (the expectation for distributional heads): what acting and export use."""
 
     def __init__(self, encoder: nn.Module, head: nn.Module):
         super().__init__()
         self.encoder = encoder
         self.head = head
+        self.distributional = hasattr(head, "q_values")
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(obs))
+
+    def q_values(self, obs: torch.Tensor) -> torch.Tensor:
+        out = self(obs)
+        return self.head.q_values(out) if self.distributional else out
