@@ -33,3 +33,18 @@ def test_dqn_solves_cartpole_seed0(tmp_path):
 def test_dqn_family_solves_cartpole(tmp_path, agent, seed):
     summary = train_cartpole(tmp_path, agent, seed)
     assert summary["best_eval"] >= 475, summary
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rainbow_solves_cartpole_within_30k(tmp_path, seed):
+    summary = train_cartpole(tmp_path, "rainbow", seed, total=30_000)
+    assert summary["best_eval"] >= 475, summary
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ablation", ["agent.double=false", "agent.dueling=false", "agent.noisy=false",
+                                      "agent.distributional=false", "agent.prioritized=false", "agent.n_step=1"])
+def test_rainbow_ablations_still_learn_cartpole(tmp_path, ablation):
+    summary = train_cartpole(tmp_path, "rainbow", 0, total=50_000, extra=(ablation,))
+    assert summary["best_eval"] >= 475, summary
