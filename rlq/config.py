@@ -71,8 +71,7 @@ def apply_env_preset(cfg: DictConfig, user_overrides: dict[str, Any], is_atari: 
         if agent:
             plain.agent = OmegaConf.merge(plain.agent, agent)
         for k, v in user_overrides.items():
-            if OmegaConf.select(plain, k) is not None or "." in k:
-                OmegaConf.update(plain, k, v, merge=False)
+            OmegaConf.update(plain, k, v, merge=False)
     return plain
 
 
