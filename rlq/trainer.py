@@ -63,7 +63,7 @@ class Trainer:
         if threads > 0:
             torch.set_num_threads(threads)
         self.spaces = {"observation": space_to_dict(obs_space), "action": space_to_dict(act_space)}
-        self.agent: Agent = make_agent(cfg.agent, obs_space, act_space, device=cfg.device)
+        self.agent: Agent = make_agent(cfg.agent, obs_space, act_space, device=cfg.device, seed=seed)
         a = cfg.agent
         capacity = (int(a.buffer_size) // self.num_envs) * self.num_envs
         self.per = bool(a.get("prioritized", False))

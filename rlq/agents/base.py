@@ -30,17 +30,20 @@ class UpdateOut:
 class Agent(ABC):
     """Base class of every agent.
 
-    Subclasses are built with ``Agent(cfg, observation_space, action_space)`` where ``cfg`` is the
-    agent's config node (``configs/agent/<name>.yaml``) and the spaces are the single-env spaces.
+    Subclasses are built with ``Agent(cfg, observation_space, action_space, device, seed)`` where
+    ``cfg`` is the agent's config node (``configs/agent/<name>.yaml``), the spaces are the single-env
+    spaces and ``seed`` seeds the agent's own random streams (exploration).
     """
 
     name: str = "agent"
 
-    def __init__(self, cfg: Any, observation_space: gym.Space, action_space: gym.Space, device: str = "cpu"):
+    def __init__(self, cfg: Any, observation_space: gym.Space, action_space: gym.Space, device: str = "cpu",
+                 seed: int = 0):
         self.cfg = cfg
         self.observation_space = observation_space
         self.action_space = action_space
         self.device = torch.device(device)
+        self.seed = int(seed)
 
     @abstractmethod
     def act(self, obs: np.ndarray, explore: bool) -> np.ndarray:
@@ -94,9 +97,10 @@ def agent_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def make_agent(cfg: Any, observation_space: gym.Space, action_space: gym.Space, device: str = "cpu") -> Agent:
+def make_agent(cfg: Any, observation_space: gym.Space, action_space: gym.Space, device: str = "cpu",
+               seed: int = 0) -> Agent:
     """Build the agent named ``cfg.name``; an unknown name lists the known ones."""
     name = cfg.name
     if name not in _REGISTRY:
         raise ValueError(f"unknown agent name {name!r}: choose one of {', '.join(agent_names())}")
-    return _REGISTRY[name](cfg, observation_space, action_space, device=device)
+    return _REGISTRY[name](cfg, observation_space, action_space, device=device, seed=seed)

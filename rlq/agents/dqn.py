@@ -81,8 +81,9 @@ class DQNAgent(Agent):
     through the replay buffer, ``n_step`` and ``prioritized``. See the module docstring and
     ``rlq.agents.rainbow`` for Rainbow's settings."""
 
-    def __init__(self, cfg: Any, observation_space: gym.Space, action_space: gym.Space, device: str = "cpu"):
-        super().__init__(cfg, observation_space, action_space, device)
+    def __init__(self, cfg: Any, observation_space: gym.Space, action_space: gym.Space, device: str = "cpu",
+                 seed: int = 0):
+        super().__init__(cfg, observation_space, action_space, device, seed)
         if not isinstance(action_space, gym.spaces.Discrete):
             raise ValueError(f"agent {cfg.name!r} needs a discrete action space, got {action_space}; "
                              "use a continuous-control agent (e.g. sac) for this env")
@@ -101,7 +102,7 @@ class DQNAgent(Agent):
         self.target.requires_grad_(False)
         self.optimizer = torch.optim.Adam(self.online.parameters(), lr=float(cfg.lr), eps=float(cfg.adam_eps),
                                           foreach=True)
-        self.rng = np.random.default_rng(int(cfg.get("seed", 0)))
+        self.rng = np.random.default_rng(self.seed)
         self.step = 0
         self.updates = 0
 
