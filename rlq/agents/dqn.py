@@ -150,11 +150,12 @@ class DQNAgent(Agent):
         eps = self.epsilon if explore else 0.0
         if eps >= 1.0:  # warm-up: skip the forward pass entirely
             return self.rng.integers(self.n_actions, size=n)
+        rand = self.rng.random(n) < eps if eps > 0.0 else None
+        if rand is not None and rand.all():  # every env explores: no forward pass needed
+            return self.rng.integers(self.n_actions, size=n)
         actions = self.greedy(obs, noise=explore and self.noisy)
-        if eps > 0.0:
-            rand = self.rng.random(n) < eps
-            if rand.any():
-                actions[rand] = self.rng.integers(self.n_actions, size=int(rand.sum()))
+        if rand is not None and rand.any():
+            actions[rand] = self.rng.integers(self.n_actions, size=int(rand.sum()))
         return actions
 
     # -- learning -----------------------------------------------------------------------------------
