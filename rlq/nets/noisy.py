@@ -100,8 +100,10 @@ class NoisyLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.noisy:
-            weight, bias = self.noisy_weight()
-            return F.linear(x, weight, bias)
+            # (sigma * eps_out eps_in^T) x == eps_out * (sigma (eps_in * x)): never materializes the
+            # (out, in) noisy weight (for a 3136x512 layer at batch 1 this is several times faster)
+            bias = self.bias_mu + self.bias_sigma * self.epsilon_out
+            return F.linear(x, self.weight_mu, bias) + F.linear(x * self.epsilon_in, self.weight_sigma) * self.epsilon_out
         return F.linear(x, self.weight_mu, self.bias_mu)
 
     def extra_repr(self) -> str:
