@@ -78,8 +78,8 @@ def linear_schedule(start: float, end: float, duration: int, step: int) -> float
 @register("dqn", "double_dqn", "dueling_dqn", "rainbow")
 class DQNAgent(Agent):
     """Q-learning agent; switches: ``double``, ``dueling``, ``noisy``, ``distributional`` (C51), and,
-    through the replay buffer, ``n_step`` and ``prioritized``. See the module docstring and
-    ``rlq.agents.rainbow`` for Rainbow's settings."""
+    through the replay buffer, ``n_step`` and ``prioritized``. The module docstring gives Rainbow's
+    settings."""
 
     def __init__(self, cfg: Any, observation_space: gym.Space, action_space: gym.Space, device: str = "cpu",
                  seed: int = 0):
@@ -141,7 +141,9 @@ class DQNAgent(Agent):
         ``noise=False`` with the mean weights (evaluation)."""
         if noise:
             reset_noise(self.online)
-        with torch.inference_mode(), (nullcontext() if noise else noise_disabled(self.online)):
+        # mean weights unless acting with noise; nets without noisy layers skip the module walk
+        mean_weights = noise_disabled(self.online) if self.noisy and not noise else nullcontext()
+        with torch.inference_mode(), mean_weights:
             q = self.online.q_values(torch.as_tensor(obs, device=self.device))
         return q.argmax(dim=1).cpu().numpy()
 
