@@ -160,7 +160,7 @@ def load_agent(path: str | os.PathLike, device: str = "cpu"):
     cfg = checkpoint_config(ckpt)
     spaces = ckpt["spaces"]
     agent = make_agent(cfg.agent, space_from_dict(spaces["observation"]), space_from_dict(spaces["action"]),
-                       device=device)
+                       device=device, quant=cfg.get("quant"))
     agent.load_state_dict(ckpt["agent"])
     agent.config = cfg  # the run's resolved config (env settings for evaluation)
     return agent

@@ -132,5 +132,9 @@ def validate(cfg: DictConfig) -> None:
         _num(cfg, "agent.target_update_period", int, 1)
     if "encoder" in a and a.encoder not in ("auto", "cnn", "mlp"):
         raise ConfigError(f"agent.encoder={a.encoder!r} is not an encoder: choose one of auto, cnn, mlp")
-    if cfg.quant.name != "none":
-        raise ConfigError(f"quant={cfg.quant.name!r} is not available yet: choose one of {', '.join(group_options('quant'))}")
+    from rlq.quant.api import QuantConfig
+
+    try:
+        QuantConfig.from_cfg(cfg.quant)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e).splitlines()[0]) from None

@@ -63,7 +63,8 @@ class Trainer:
         if threads > 0:
             torch.set_num_threads(threads)
         self.spaces = {"observation": space_to_dict(obs_space), "action": space_to_dict(act_space)}
-        self.agent: Agent = make_agent(cfg.agent, obs_space, act_space, device=cfg.device, seed=seed)
+        self.agent: Agent = make_agent(cfg.agent, obs_space, act_space, device=cfg.device, seed=seed,
+                                       quant=cfg.get("quant"))
         a = cfg.agent
         capacity = (int(a.buffer_size) // self.num_envs) * self.num_envs
         self.per = bool(a.get("prioritized", False))
@@ -153,6 +154,8 @@ class Trainer:
         self.progress = ProgressLine(total, enabled=bool(cfg.log.progress))
         old_handlers = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
 
+        # QAT switches on at quant.start_step (online and target networks together)
+        quant_start = self.agent.quant.start_at(total) if self.agent.quant.enabled else None
         obs, _ = self.env.reset(seed=int(cfg.seed) + self.step)  # a resumed run starts fresh episodes
         t0, step0, upd0 = time.perf_counter(), self.step, self.updates
         t_log, step_log, upd_log = t0, self.step, self.updates
@@ -160,6 +163,11 @@ class Trainer:
         last_eval: dict[str, float] = {}
         try:
             while self.step < total:
+                if quant_start is not None and self.step >= quant_start:
+                    if not self.agent.quant_active:  # (a resumed run may already be quantized)
+                        self.agent.start_quantization()
+                        self.logger.log(self.step, {"quant_started": 1.0}, kind="event")
+                    quant_start = None
                 self.agent.set_step(self.step)
                 actions = self.agent.act(obs, explore=True)
                 next_obs, reward, terminated, truncated, info = self.env.step(actions)

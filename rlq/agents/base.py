@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from rlq.quant import QuantConfig, is_quantized, quantize_, set_quant_enabled
 from rlq.replay.base import Batch
 
 
@@ -30,20 +31,50 @@ class UpdateOut:
 class Agent(ABC):
     """Base class of every agent.
 
-    Subclasses are built with ``Agent(cfg, observation_space, action_space, device, seed)`` where
+    Subclasses are built with ``Agent(cfg, observation_space, action_space, device, seed, quant)`` where
     ``cfg`` is the agent's config node (``configs/agent/<name>.yaml``), the spaces are the single-env
-    spaces and ``seed`` seeds the agent's own random streams (exploration).
+    spaces, ``seed`` seeds the agent's own random streams (exploration) and ``quant`` is the run's
+    ``quant:`` config. A subclass passes every network it trains through :meth:`quantize` right after
+    building it (before its optimizers); the trainer calls :meth:`start_quantization` at
+    ``quant.start_step``.
     """
 
     name: str = "agent"
 
     def __init__(self, cfg: Any, observation_space: gym.Space, action_space: gym.Space, device: str = "cpu",
-                 seed: int = 0):
+                 seed: int = 0, quant: Any = None):
         self.cfg = cfg
         self.observation_space = observation_space
         self.action_space = action_space
         self.device = torch.device(device)
         self.seed = int(seed)
+        self.quant = QuantConfig.from_cfg(quant)
+        self._quant_nets: list[nn.Module] = []
+
+    # -- quantization ---------------------------------------------------------------------------------
+    def example_obs(self, batch: int = 2) -> torch.Tensor:
+        """A batch of observations sampled from the observation space (for tracing a network)."""
+        obs = np.stack([self.observation_space.sample() for _ in range(batch)])
+        return torch.as_tensor(obs, device=self.device)
+
+    def quantize(self, net: nn.Module, example_inputs: Any = None) -> nn.Module:
+        """Convert ``net`` in place to fake-quant layers for QAT (a no-op for ``quant=none``); the
+        online and target copies of a network both go through here so they stay consistent.
+        ``example_inputs`` defaults to a batch of observations (pass ``(obs, action)`` for critics)."""
+        if self.quant.enabled:
+            quantize_(net, self.quant, self.example_obs() if example_inputs is None else example_inputs)
+            self._quant_nets.append(net)
+        return net
+
+    @property
+    def quant_active(self) -> bool:
+        """Whether fake quantization is on (after ``quant.start_step``)."""
+        return any(is_quantized(net) for net in self._quant_nets)
+
+    def start_quantization(self) -> None:
+        """Switch fake quantization on in every network given to :meth:`quantize` (idempotent)."""
+        for net in self._quant_nets:
+            set_quant_enabled(net, True)
 
     @abstractmethod
     def act(self, obs: np.ndarray, explore: bool) -> np.ndarray:
@@ -98,9 +129,12 @@ def agent_names() -> list[str]:
 
 
 def make_agent(cfg: Any, observation_space: gym.Space, action_space: gym.Space, device: str = "cpu",
-               seed: int = 0) -> Agent:
-    """Build the agent named ``cfg.name``; an unknown name lists the known ones."""
+               seed: int = 0, quant: Any = None) -> Agent:
+    """Build the agent named ``cfg.name`` (with the run's ``quant`` config, if any); an unknown name
+    lists the known ones."""
     name = cfg.name
     if name not in _REGISTRY:
         raise ValueError(f"unknown agent name {name!r}: choose one of {', '.join(agent_names())}")
-    return _REGISTRY[name](cfg, observation_space, action_space, device=device, seed=seed)
+    if quant is None:
+        return _REGISTRY[name](cfg, observation_space, action_space, device=device, seed=seed)
+    return _REGISTRY[name](cfg, observation_space, action_space, device=device, seed=seed, quant=quant)

@@ -82,8 +82,8 @@ class DQNAgent(Agent):
     settings."""
 
     def __init__(self, cfg: Any, observation_space: gym.Space, action_space: gym.Space, device: str = "cpu",
-                 seed: int = 0):
-        super().__init__(cfg, observation_space, action_space, device, seed)
+                 seed: int = 0, quant: Any = None):
+        super().__init__(cfg, observation_space, action_space, device, seed, quant)
         if not isinstance(action_space, gym.spaces.Discrete):
             raise ValueError(f"agent {cfg.name!r} needs a discrete action space, got {action_space}; "
                              "use a continuous-control agent (e.g. sac) for this env")
@@ -96,8 +96,8 @@ class DQNAgent(Agent):
         self.eps_decay_steps = int(cfg.eps_decay_steps)
         self.tau, self.target_update_period = float(cfg.tau), int(cfg.target_update_period)
         self.max_grad_norm = float(cfg.max_grad_norm or 0.0)
-        self.online = self.build_network().to(self.device)
-        self.target = self.build_network().to(self.device)
+        self.online = self.quantize(self.build_network().to(self.device))
+        self.target = self.quantize(self.build_network().to(self.device))
         self.target.load_state_dict(self.online.state_dict())
         self.target.requires_grad_(False)
         # fused Adam: one pass over each parameter instead of foreach's several; on the Rainbow Pong net
@@ -221,6 +221,9 @@ class DQNAgent(Agent):
         else:
             with torch.no_grad():
                 torch._foreach_lerp_(list(self.target.parameters()), list(self.online.parameters()), self.tau)
+                if self._quant_nets:  # observer ranges and flags are copied, learned ranges averaged above
+                    for t, o in zip(self.target.buffers(), self.online.buffers()):
+                        t.copy_(o)
 
     # -- state --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

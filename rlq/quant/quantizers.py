@@ -1,0 +1,221 @@
+"""Weight and activation quantizers: small modules holding the quantization state of one layer.
+
+Weights: per-output-channel, symmetric, narrow range ``[-Q_P, Q_P]`` with ``Q_P = 2^(b-1) - 1`` (127 for
+8 bits, 7 for 4, 1 for 2 bits = ternary), zero point 0. 1 bit (experimental) is binary ``{-s, +s}``.
+Modes:
+
+* ``max``   -- ``s_c = max_k |W[c, k]| / Q_P`` recomputed from the float ("shadow") weights at every
+  forward; clipped STE (nothing is ever clipped, so a plain STE).
+* ``lsq``   -- one learned step per channel (LSQ), initialised to ``2 mean|W_c| / sqrt(Q_P)`` when
+  quantization starts, gradient scale ``1 / sqrt(N_c Q_P)``.
+* ``quest`` -- MSE-optimal clipping of a Gaussian: ``s_c = alpha_b RMS(W_c) / Q_P`` with QuEST's
+  ``alpha_b``, and QuEST's trust estimator (gradient only where ``|W_hat - W| <= trust * s / 2``).
+  Without QuEST's Hadamard rotation (it cannot be folded across a ReLU into an integer kernel).
+
+Activations: per-tensor, asymmetric unsigned ``[0, 2^b - 1]`` with a zero point (0 after a ReLU, where
+the observed minimum is 0). An observer always tracks EMAs of the input's min, max and mean |x|
+(updated on forward passes in training mode with autograd enabled, i.e. the online network's loss
+forward -- never the target network's, never acting -- or during :func:`rlq.quant.calibrate`). Modes:
+
+* ``ema``  -- scale and zero point from the EMA min/max (min clamped <= 0 <= max so 0 is exact).
+* ``lsq``  -- learned step, initialised from the observer when quantization starts; the zero point is
+  fixed then: 0 for non-negative inputs, ``2^(b-1)`` for signed ones (symmetric signed LSQ).
+* ``pact`` -- learned clip ``alpha`` (init: the observed max) for non-negative inputs; a layer whose
+  input is signed (e.g. a first layer on raw vector observations) falls back to ``ema``.
+
+While ``enabled`` is False (before ``quant.start_step``) every quantizer is the identity but the
+observers keep observing. Every piece of state is a parameter or buffer, so it is saved in checkpoints,
+copied to a target network by ``load_state_dict`` and loaded by evaluation.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from rlq.quant.functions import GAUSSIAN_MSE_CLIP, fake_quant, lsq_quant, pact_quant, trust_quant
+
+WEIGHT_MODES = ("max", "lsq", "quest")
+ACT_MODES = ("ema", "lsq", "pact")
+_EPS = 1e-8
+
+
+def weight_qmax(bits: int) -> int:
+    """Largest integer code of a narrow-range signed ``bits``-bit weight (1 for binary)."""
+    return 1 if bits == 1 else 2 ** (bits - 1) - 1
+
+
+class WeightQuantizer(nn.Module):
+    """Per-output-channel symmetric fake quantization of a weight tensor (dim 0 = output channels)."""
+
+    def __init__(self, bits: int, mode: str = "max", channels: int = 1, trust: float = 1.0):
+        super().__init__()
+        if mode not in WEIGHT_MODES:
+            raise ValueError(f"unknown weight quantizer mode {mode!r}: choose one of {', '.join(WEIGHT_MODES)}")
+        if bits not in (1, 2, 3, 4, 5, 6, 7, 8):
+            raise ValueError(f"weight bits must be in 1..8, got {bits}")
+        self.bits, self.mode, self.trust = int(bits), mode, float(trust)
+        self.q_max = weight_qmax(self.bits)
+        self.register_buffer("enabled", torch.tensor(False))
+        self.register_buffer("initialized", torch.tensor(False))
+        self.step = nn.Parameter(torch.ones(channels)) if mode == "lsq" else None
+        self._cache: tuple | None = None
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, mode={self.mode}"
+
+    def _shape(self, w: torch.Tensor) -> tuple[int, ...]:
+        return (w.shape[0],) + (1,) * (w.dim() - 1)
+
+    def scale(self, w: torch.Tensor) -> torch.Tensor:
+        """Per-channel scale, shaped to broadcast against ``w`` (detached for max/quest)."""
+        flat = w.detach().reshape(w.shape[0], -1)
+        if self.mode == "lsq":
+            return self.step.abs().clamp_min(_EPS).reshape(self._shape(w))
+        if self.bits == 1:  # binary: s = mean |w| (XNOR-Net) or the Gaussian-optimal clip
+            s = flat.abs().mean(1) if self.mode == "max" else GAUSSIAN_MSE_CLIP[1] * flat.pow(2).mean(1).sqrt()
+        elif self.mode == "max":
+            s = flat.abs().amax(1) / self.q_max
+        else:  # quest
+            s = GAUSSIAN_MSE_CLIP[self.bits] * flat.pow(2).mean(1).sqrt() / self.q_max
+        return s.clamp_min(_EPS).reshape(self._shape(w))
+
+    @torch.no_grad()
+    def init_from(self, w: torch.Tensor) -> None:
+        """Initialise learned steps from the current weights (LSQ: 2 mean|w| / sqrt(Q_P))."""
+        if self.mode == "lsq" and not bool(self.initialized):
+            flat = w.detach().reshape(w.shape[0], -1)
+            self.step.copy_((2 * flat.abs().mean(1) / math.sqrt(self.q_max)).clamp_min(_EPS))
+        self.initialized.fill_(True)
+
+    def integer(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(integer codes as int8 with the weight's shape, per-channel float32 scale (C,))."""
+        with torch.no_grad():
+            s = self.scale(w)
+            if self.bits == 1:
+                q = torch.where(w >= 0, 1.0, -1.0)
+            else:
+                q = torch.round(w / s).clamp_(-self.q_max, self.q_max)
+            return q.to(torch.int8), s.reshape(-1).float()
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if not bool(self.enabled):
+            return w
+        if not torch.is_grad_enabled():  # target net / acting: reuse while the weights are unchanged
+            key = (w._version, id(w), None if self.step is None else self.step._version)
+            if self._cache is not None and self._cache[0] == key:
+                return self._cache[1]
+            out = self._quant(w)
+            self._cache = (key, out)
+            return out
+        self._cache = None
+        return self._quant(w)
+
+    def _quant(self, w: torch.Tensor) -> torch.Tensor:
+        s = self.scale(w)
+        if self.bits == 1:  # sign with a clipped STE (gradient where |w| <= s)
+            codes = torch.where(w >= 0, 1.0, -1.0).to(w.dtype)
+            return codes * s + (w - w.detach()) * (w.abs() <= s)
+        if self.mode == "lsq":
+            n = w[0].numel()
+            return lsq_quant(w, s, -self.q_max, self.q_max, 1.0 / math.sqrt(n * self.q_max))
+        zero = torch.zeros((), dtype=w.dtype, device=w.device)
+        if self.mode == "quest":
+            return trust_quant(w, s, zero, -self.q_max, self.q_max, s * (0.5 * self.trust))
+        return fake_quant(w, s, zero, -self.q_max, self.q_max)
+
+
+class ActQuantizer(nn.Module):
+    """Per-tensor asymmetric unsigned fake quantization of a layer's input, with an EMA observer."""
+
+    def __init__(self, bits: int, mode: str = "ema", momentum: float = 0.99):
+        super().__init__()
+        if mode not in ACT_MODES:
+            raise ValueError(f"unknown activation quantizer mode {mode!r}: choose one of {', '.join(ACT_MODES)}")
+        if bits not in (2, 3, 4, 5, 6, 7, 8):
+            raise ValueError(f"activation bits must be in 2..8, got {bits}")
+        self.bits, self.mode, self.momentum = int(bits), mode, float(momentum)
+        self.q_max = 2 ** self.bits - 1
+        self.register_buffer("enabled", torch.tensor(False))
+        self.register_buffer("initialized", torch.tensor(False))  # learned range set from the observer
+        self.register_buffer("observed", torch.tensor(False))     # the observer has seen data
+        self.register_buffer("calibrating", torch.tensor(False))  # observe regardless of mode/grad
+        self.register_buffer("frozen", torch.tensor(False))       # ranges fixed (PTQ): observer off
+        self.register_buffer("min_val", torch.zeros(()))
+        self.register_buffer("max_val", torch.zeros(()))
+        self.register_buffer("mean_abs", torch.zeros(()))
+        self.register_buffer("zero_point", torch.zeros(()))  # lsq: fixed at init; ema/pact: derived
+        self.register_buffer("signed_input", torch.tensor(False))  # set when learned ranges are initialised
+        self.step = nn.Parameter(torch.ones(())) if mode == "lsq" else None
+        self.alpha = nn.Parameter(torch.ones(1)) if mode == "pact" else None
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, mode={self.mode}"
+
+    # -- observer -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        lo, hi, ma = x.min().float(), x.max().float(), x.abs().mean().float()
+        if not bool(self.observed):
+            self.min_val.copy_(lo), self.max_val.copy_(hi), self.mean_abs.copy_(ma)
+            self.observed.fill_(True)
+        elif bool(self.calibrating):  # calibration: the running min/max over all batches
+            self.min_val.copy_(torch.minimum(self.min_val, lo)), self.max_val.copy_(torch.maximum(self.max_val, hi))
+            self.mean_abs.lerp_(ma, 0.1)
+        else:
+            m = 1.0 - self.momentum
+            self.min_val.lerp_(lo, m), self.max_val.lerp_(hi, m), self.mean_abs.lerp_(ma, m)
+
+    @property
+    def signed(self) -> bool:
+        return bool(self.min_val < 0)
+
+    @property
+    def effective_mode(self) -> str:
+        """The mode in use: PACT on a signed input falls back to the EMA range."""
+        return "ema" if self.mode == "pact" and bool(self.signed_input) else self.mode
+
+    # -- quantization parameters ------------------------------------------------------------------------
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero point) as 0-d float tensors: what the integer deployment uses."""
+        mode = self.effective_mode
+        if mode == "lsq":
+            return self.step.abs().clamp_min(_EPS), self.zero_point
+        if mode == "pact":
+            return (self.alpha.abs().clamp_min(_EPS) / self.q_max).reshape(()), self.zero_point
+        lo, hi = self.min_val.clamp(max=0.0), self.max_val.clamp(min=0.0)
+        s = ((hi - lo) / self.q_max).clamp_min(_EPS)
+        z = torch.round(-lo / s).clamp(0, self.q_max)
+        return s.detach(), z.detach()
+
+    @torch.no_grad()
+    def init_from_observer(self) -> None:
+        """Set learned ranges (LSQ step and zero point, PACT alpha) from the observed statistics."""
+        if not bool(self.observed):
+            return
+        self.signed_input.fill_(self.signed)
+        if self.mode == "lsq":
+            z = 2 ** (self.bits - 1) if self.signed else 0
+            self.zero_point.fill_(z)
+            self.step.fill_(max(2 * float(self.mean_abs) / math.sqrt(self.q_max - z), _EPS))
+        elif self.mode == "pact" and not self.signed:
+            self.alpha.fill_(max(float(self.max_val), _EPS))
+        self.initialized.fill_(True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not bool(self.frozen) and (bool(self.calibrating) or (self.training and torch.is_grad_enabled())):
+            self.observe(x)
+        if not bool(self.enabled):
+            return x
+        if not bool(self.initialized):
+            self.init_from_observer()
+        mode = self.effective_mode
+        if mode == "lsq":
+            z = float(self.zero_point)
+            return lsq_quant(x, self.step.abs().clamp_min(_EPS), -z, self.q_max - z,
+                             1.0 / math.sqrt(x[0].numel() * (self.q_max - z)))
+        if mode == "pact":
+            return pact_quant(x, self.alpha.abs().clamp_min(_EPS), self.bits)
+        s, z = self.qparams()
+        return fake_quant(x, s.to(x.dtype), z.to(x.dtype), 0, self.q_max)

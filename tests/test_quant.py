@@ -1,0 +1,417 @@
+"""rlq.quant: quantizer grids, estimator gradients against hand-derived values, the integer view against
+the fake-quant forward, swap coverage, PTQ calibration, and QAT inside agents and checkpoints."""
+import math
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from rlq.deploy import reference as ref
+from rlq.nets.distributional import CategoricalHead
+from rlq.nets.encoders import MLPEncoder, NatureCNN
+from rlq.nets.heads import DuelingHead, QHead, QNetwork
+from rlq.nets.noisy import linear_factory, reset_noise
+from rlq.quant import (ActQuantizer, QuantConfig, QuantConv2d, QuantLinear, QuantNoisyLinear, WeightQuantizer,
+                       calibrate, fake_quant, integer_layer, is_quantized, layer_roles, lsq_quant, pact_quant,
+                       quant_layers, quantize_, set_quant_enabled)
+
+W8 = QuantConfig(name="w8a8")
+
+
+# -- grids ------------------------------------------------------------------------------------------
+def test_fake_quant_values_lie_on_the_grid_and_round_half_to_even():
+    s = torch.tensor(0.5)
+    x = torch.tensor([-0.25, 0.25, 0.75, 1.26, -3.0, 100.0])
+    out = fake_quant(x, s, 2.0, 0, 7)  # codes clamp to [0, 7] around zero point 2: values in [-1, 2.5]
+    # -0.25/0.5 = -0.5 -> -0 (half to even) ; 0.5 -> 0 ; 1.5 -> 2 ; 2.52 -> 3 ; -6 -> clamp -2 ; 200 -> 5
+    assert out.tolist() == [0.0, 0.0, 1.0, 1.5, -1.0, 2.5]
+
+
+@pytest.mark.parametrize("bits,qmax", [(8, 127), (4, 7), (2, 1)])
+def test_weight_quantizer_per_channel_symmetric_narrow_range(bits, qmax):
+    torch.manual_seed(0)
+    w = torch.randn(5, 3, 2, 2)
+    wq = WeightQuantizer(bits, "max", channels=5)
+    wq.enabled.fill_(True)
+    q, s = wq.integer(w)
+    assert torch.allclose(s, w.abs().reshape(5, -1).amax(1) / qmax)
+    assert int(q.min()) >= -qmax and int(q.max()) <= qmax
+    assert all(int(q[c].abs().max()) == qmax for c in range(5))  # each channel's max hits the edge
+    # fake-quant weights are exactly code * scale
+    assert torch.equal(wq(w), q.float() * s.reshape(5, 1, 1, 1))
+
+
+def test_binary_weights_are_sign_times_mean_abs():
+    w = torch.tensor([[0.5, -1.5, 0.0], [2.0, 2.0, -2.0]])
+    wq = WeightQuantizer(1, "max", channels=2)
+    wq.enabled.fill_(True)
+    assert torch.allclose(wq(w), torch.tensor([[2 / 3, -2 / 3, 2 / 3], [2.0, 2.0, -2.0]]))
+
+
+def test_quest_weight_scale_is_mse_optimal_gaussian_clip():
+    w = torch.randn(4, 256)
+    wq = WeightQuantizer(4, "quest", channels=4)
+    rms = w.pow(2).mean(1).sqrt()
+    assert torch.allclose(wq.scale(w).reshape(-1), 2.51393 * rms / 7)
+
+
+def test_activation_asymmetric_zero_point_and_relu_inputs():
+    act = ActQuantizer(8, "ema")
+    act.observe(torch.tensor([-1.0, 3.0]))
+    s, z = act.qparams()
+    assert math.isclose(float(s), 4.0 / 255, rel_tol=1e-6) and float(z) == round(1.0 / (4.0 / 255))
+    relu = ActQuantizer(8, "ema")
+    relu.observe(torch.tensor([0.0, 2.0]))
+    s, z = relu.qparams()
+    assert float(z) == 0 and math.isclose(float(s), 2.0 / 255, rel_tol=1e-6)
+    # a strictly positive range still contains 0 exactly
+    pos = ActQuantizer(8, "ema")
+    pos.observe(torch.tensor([1.0, 2.0]))
+    assert float(pos.qparams()[1]) == 0
+
+
+def test_ema_observer_updates_only_on_grad_forward_in_training_mode():
+    act = ActQuantizer(8, "ema", momentum=0.5)
+    act(torch.tensor([0.0, 4.0]))  # first batch initialises
+    act(torch.tensor([0.0, 2.0]))
+    assert float(act.max_val) == pytest.approx(3.0)
+    with torch.no_grad():
+        act(torch.tensor([0.0, 100.0]))
+    act.eval()
+    act(torch.tensor([0.0, 100.0]))
+    assert float(act.max_val) == pytest.approx(3.0)
+
+
+# -- gradients --------------------------------------------------------------------------------------
+def test_clipped_ste_gradient():
+    x = torch.tensor([-2.0, 0.1, 0.9, 2.0], requires_grad=True)
+    fake_quant(x, torch.tensor(0.25), 0.0, -4, 4).sum().backward()  # range [-1, 1]
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 0.0]
+
+
+def test_lsq_gradients_match_hand_derivation():
+    # s = 0.5, range [-2, 1]; x/s = [-3, -0.6, 0.7, 1.0, 4.0]
+    x = torch.tensor([-1.5, -0.3, 0.35, 0.5, 2.0], requires_grad=True)
+    s = torch.tensor(0.5, requires_grad=True)
+    g = 0.1
+    out = lsq_quant(x, s, -2, 1, g)
+    assert out.tolist() == [-1.0, -0.5, 0.5, 0.5, 0.5]
+    out.sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]
+    # d/ds: outside -> the clamp bound (-2, 1); inside -> round(v) - v = (-1 + 0.6), (1 - 0.7), (1 - 1)
+    expected = (-2 + (-1 + 0.6) + (1 - 0.7) + 0.0 + 1) * g
+    assert s.grad.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_lsq_per_channel_step_gradient_is_summed_per_channel():
+    w = torch.tensor([[0.3, -0.2], [1.0, 5.0]], requires_grad=True)
+    s = torch.tensor([[0.1], [1.0]], requires_grad=True)
+    lsq_quant(w, s, -7, 7, 1.0).sum().backward()
+    # channel 0: v = [3, -2] -> round - v = 0, 0 ; channel 1: v = [1, 5] -> 0, 0
+    assert s.grad.flatten().tolist() == pytest.approx([0.0, 0.0], abs=1e-6)
+    w2 = torch.tensor([[0.26], [9.0]], requires_grad=True)
+    s2 = torch.tensor([[0.1], [1.0]], requires_grad=True)
+    lsq_quant(w2, s2, -7, 7, 1.0).sum().backward()
+    assert s2.grad.flatten().tolist() == pytest.approx([3 - 2.6, 7.0], abs=1e-5)
+
+
+def test_pact_gradients_match_hand_derivation():
+    x = torch.tensor([-1.0, 0.5, 1.0, 2.0], requires_grad=True)
+    alpha = torch.tensor([1.0], requires_grad=True)
+    out = pact_quant(x, alpha, 2)  # 3 levels of 1/3 on [0, 1]
+    assert out.tolist() == pytest.approx([0.0, 2 / 3, 1.0, 1.0])  # 0.5*3 = 1.5 -> 2 (half to even)
+    out.sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 0.0]
+    assert alpha.grad.tolist() == [2.0]  # x >= alpha for 1.0 and 2.0
+
+
+def test_quest_trust_mask_blocks_clipped_weights():
+    w = torch.tensor([[0.01, 0.02, -0.01, 0.03] * 5 + [5.0]], requires_grad=True)  # scale ~1.6: 5.0 clips
+    wq = WeightQuantizer(2, "quest", channels=1)
+    wq.enabled.fill_(True)
+    wq(w).sum().backward()
+    assert w.grad[0, -1] == 0 and (w.grad[0, :-1] == 1).all()
+
+
+# -- swapping -----------------------------------------------------------------------------------------
+def _nets():
+    mlp = QNetwork(MLPEncoder(4, (32, 32)), QHead(32, 2))
+    dueling = QNetwork(MLPEncoder(4, (32,)), DuelingHead(32, 3, hidden=16))
+    rainbow = QNetwork(NatureCNN(4, 0), CategoricalHead(3136, 6, 51, -10, 10, dueling=True, hidden=64, noisy=True))
+    noisy_dueling = QNetwork(MLPEncoder(4, (32,)), DuelingHead(32, 2, 16, linear_factory(True, 0.5)))
+    cnn = QNetwork(NatureCNN(4, 512), QHead(512, 6))
+    vec, img = torch.randn(3, 4), torch.randint(0, 255, (3, 4, 84, 84), dtype=torch.uint8)
+    return [(mlp, vec), (dueling, vec), (rainbow, img), (noisy_dueling, vec), (cnn, img)]
+
+
+@pytest.mark.parametrize("i", range(5))
+def test_quantize_swaps_every_layer_in_place_and_keeps_parameters(i):
+    net, x = _nets()[i]
+    n_float = sum(isinstance(m, (nn.Linear, nn.Conv2d)) or type(m).__name__ == "NoisyLinear" for m in net.modules())
+    params = {k: v for k, v in net.named_parameters()}
+    keys = set(net.state_dict())
+    torch.manual_seed(0)
+    reset_noise(net)
+    y0 = net(x)
+    quantize_(net, QuantConfig(name="w4a8", weight_bits=4), x)
+    assert len(list(quant_layers(net))) == n_float
+    for k, v in params.items():  # same Parameter objects: an optimizer built before keeps working
+        assert dict(net.named_parameters())[k] is v
+    assert keys <= set(net.state_dict())
+    assert torch.allclose(net(x), y0)  # quantization starts disabled: identical function
+    set_quant_enabled(net)
+    assert is_quantized(net)
+    y1 = net(x)
+    assert y1.shape == y0.shape and not torch.allclose(y1, y0)
+    y1.float().sum().backward()
+    assert all(p.grad is not None for n, p in net.named_parameters() if "step" not in n and "alpha" not in n)
+
+
+def test_first_and_last_layers_from_the_graph():
+    net, x = _nets()[2]
+    roles = {name: layer_roles(net, x)[id(m)] for name, m in net.named_modules() if id(m) in layer_roles(net, x)}
+    assert roles["encoder.convs.0"] == {"first"}
+    assert roles["head.value.2"] == {"last"} and roles["head.advantage.2"] == {"last"}
+    assert roles["head.value.0"] == set()
+    quantize_(net, QuantConfig(name="w2a8", weight_bits=2, weight_mode="lsq"), x)
+    assert net.encoder.convs[0].wq.bits == 8 and net.head.advantage[2].wq.bits == 8
+    assert net.encoder.convs[2].wq.bits == 2 and net.head.value[0].wq.bits == 2
+
+
+def test_quant_none_is_a_no_op():
+    net, x = _nets()[0]
+    quantize_(net, QuantConfig())
+    assert not list(quant_layers(net))
+
+
+def test_config_errors_name_the_bad_value():
+    with pytest.raises(ValueError, match="weight_mode='nope'"):
+        QuantConfig.from_cfg({"name": "x", "weight_mode": "nope"})
+    with pytest.raises(ValueError, match="act_bits=1"):
+        QuantConfig.from_cfg({"name": "x", "act_bits": 1})
+    with pytest.raises(ValueError, match="unknown quant key"):
+        QuantConfig.from_cfg({"name": "x", "bitz": 4})
+    assert QuantConfig(start_step=0.5).start_at(1000) == 500
+    assert QuantConfig(start_step=300).start_at(1000) == 300
+
+
+def test_weight_cache_is_invalidated_by_optimizer_steps():
+    net, x = _nets()[0]
+    quantize_(net, W8, x)
+    set_quant_enabled(net)
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    with torch.no_grad():
+        before = net(x).clone()
+    net(x).sum().backward()
+    opt.step()
+    with torch.no_grad():
+        after = net(x)
+        fresh = QNetwork(MLPEncoder(4, (32, 32)), QHead(32, 2))
+        quantize_(fresh, W8, x)
+        fresh.load_state_dict(net.state_dict())
+        assert torch.equal(after, fresh(x))
+    assert not torch.equal(before, after)
+
+
+# -- integer equivalence --------------------------------------------------------------------------------
+def _integer_forward(layers, x: np.ndarray, relu_between=True, flatten_after: int | None = None):
+    """Run the integer reference layer by layer; returns the last layer's float output and the codes."""
+    h, codes = x, []
+    for i, layer in enumerate(layers):
+        il = integer_layer(layer)
+        q = ref.quantize_input(h, il.in_scale, il.in_zero_point, il.in_bits)
+        codes.append(q)
+        if il.kind == "conv2d":
+            acc = ref.conv2d_acc(q, il.in_zero_point, il.weight.astype(np.int32), il.stride, il.padding)
+        else:
+            acc = ref.linear_acc(q, il.in_zero_point, il.weight)
+        h = ref.dequantize(acc, il.out_scale, il.bias)
+        if i < len(layers) - 1 and relu_between:
+            h = np.maximum(h, 0)
+        if flatten_after is not None and i == flatten_after:
+            h = h.reshape(len(h), -1)
+    return h, codes
+
+
+def _fake_codes(layers, net, x):
+    got = []
+    hooks = [m.register_forward_pre_hook(lambda m, a: got.append(
+        (torch.round(a[0] / m.act.qparams()[0]) + m.act.qparams()[1]).clamp(0, m.act.q_max).int().numpy()))
+        for m in layers]
+    with torch.no_grad():
+        out = net(x)
+    for h in hooks:
+        h.remove()
+    return out, got
+
+
+@pytest.mark.parametrize("cfg", [W8, QuantConfig(name="w4a8", weight_bits=4, weight_mode="lsq"),
+                                 QuantConfig(name="w2a8", weight_bits=2, weight_mode="lsq", act_mode="lsq")])
+def test_integer_math_reproduces_fake_quant_mlp(cfg):
+    torch.manual_seed(0)
+    net = QNetwork(MLPEncoder(6, (64, 64)), QHead(64, 3))
+    x = torch.randn(512, 6) * 3
+    quantize_(net, cfg, x)
+    for _ in range(3):  # observers see training batches
+        net(x[:128])
+    set_quant_enabled(net)
+    net(x[:128])
+    layers = [net.encoder.net[0], net.encoder.net[2], net.head.q]
+    fake, fake_codes = _fake_codes(layers, net, x)
+    out, codes = _integer_forward(layers, x.numpy())
+    for a, b in zip(codes, fake_codes):
+        assert (a == b).mean() >= 0.999 and np.abs(a - b).max() <= 1
+    np.testing.assert_allclose(out, fake.numpy(), rtol=1e-4, atol=1e-4 * float(fake.abs().max()))
+    assert (out.argmax(1) == fake.numpy().argmax(1)).mean() >= 0.99
+    _assert_layerwise_exact(layers, net, x)
+
+
+def test_integer_math_reproduces_fake_quant_nature_cnn():
+    torch.manual_seed(0)
+    net = QNetwork(NatureCNN(4, 512), QHead(512, 6))
+    x = torch.randint(0, 256, (8, 4, 84, 84), dtype=torch.uint8)
+    quantize_(net, W8, x)
+    net(x)
+    set_quant_enabled(net)
+    layers = [net.encoder.convs[0], net.encoder.convs[2], net.encoder.convs[4], net.encoder.fc[0], net.head.q]
+    fake, fake_codes = _fake_codes(layers, net, x)
+    # the network scales uint8 pixels by 1/255 in float32; the first input code is then the pixel itself
+    out, codes = _integer_forward(layers, x.numpy().astype(np.float32) / np.float32(255.0), flatten_after=2)
+    assert np.array_equal(codes[0], x.numpy())
+    # float32 sums over 3136 products in a different order: a code can land one step away at a tie
+    for a, b in zip(codes, fake_codes):
+        assert (a == b).mean() >= 0.99 and np.abs(a - b).max() <= 1
+    np.testing.assert_allclose(out, fake.numpy(), atol=0.01 * float(fake.abs().max()))
+    _assert_layerwise_exact(layers, net, x)
+
+
+def _assert_layerwise_exact(layers, net, x):
+    """Given the same input codes, each layer's integer math gives its fake-quant output up to float
+    rounding (float32 sums in another order)."""
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, a, out: seen.append((m, a[0], out))) for m in layers]
+    with torch.no_grad():
+        net(x)
+    for h in hooks:
+        h.remove()
+    for m, inp, out in seen:
+        il = integer_layer(m)
+        q = ref.quantize_input(inp.numpy(), il.in_scale, il.in_zero_point, il.in_bits)
+        acc = (ref.conv2d_acc(q, il.in_zero_point, il.weight, il.stride, il.padding) if il.kind == "conv2d"
+               else ref.linear_acc(q, il.in_zero_point, il.weight))
+        y = ref.dequantize(acc, il.out_scale, il.bias)
+        np.testing.assert_allclose(y, out.numpy(), rtol=1e-5, atol=1e-5 * float(out.abs().max()))
+
+
+# -- PTQ ----------------------------------------------------------------------------------------------------
+def test_calibrate_minmax_percentile_mse():
+    torch.manual_seed(0)
+    obs = torch.randn(4000, 4)
+    obs[0] = 40.0  # one outlier
+    nets = {}
+    for method in ("minmax", "percentile", "mse"):
+        net = QNetwork(MLPEncoder(4, (32,)), QHead(32, 2))
+        torch.manual_seed(1)
+        net.load_state_dict(QNetwork(MLPEncoder(4, (32,)), QHead(32, 2)).state_dict())
+        quantize_(net, W8, obs[:2])
+        ranges = calibrate(net, obs, method=method, percentile=99.9)
+        nets[method] = (net, ranges)
+        assert is_quantized(net) and all(bool(m.act.frozen) for m in quant_layers(net))
+    first = "encoder.net.0"
+    assert nets["minmax"][1][first] == pytest.approx((float(obs.min()), 40.0))
+    assert nets["percentile"][1][first][1] < 5 and nets["mse"][1][first][1] < 40.0
+
+    def err(net):  # quantization error of the first layer's input
+        act = net.encoder.net[0].act
+        s, z = act.qparams()
+        xq = ((torch.round(obs / s) + z).clamp(0, 255) - z) * s
+        return float((xq - obs).pow(2).mean())
+    assert err(nets["mse"][0]) < err(nets["minmax"][0])
+    net = nets["minmax"][0]
+    before = net.encoder.net[0].act.max_val.clone()
+    net(obs * 10)  # frozen observers do not move
+    assert torch.equal(before, net.encoder.net[0].act.max_val)
+
+
+def test_calibrate_errors():
+    net = QNetwork(MLPEncoder(4, (8,)), QHead(8, 2))
+    with pytest.raises(ValueError, match="quantize_"):
+        calibrate(net, torch.randn(10, 4))
+    quantize_(net, W8, torch.randn(2, 4))
+    with pytest.raises(ValueError, match="method 'bad'"):
+        calibrate(net, torch.randn(10, 4), method="bad")
+
+
+# -- agents -------------------------------------------------------------------------------------------
+def _agent(quant, **over):
+    from rlq.agents import make_agent
+    from rlq.train import _compose
+    cfg = _compose(["agent=dqn", f"quant={quant}"] + [f"agent.{k}={v}" for k, v in over.items()])
+    return make_agent(cfg.agent, gym.spaces.Box(-5, 5, (4,), np.float32), gym.spaces.Discrete(2), seed=0,
+                      quant=cfg.quant)
+
+
+def _batch(n=32):
+    from rlq.replay.base import Batch
+    g = torch.Generator().manual_seed(0)
+    return Batch(obs=torch.randn(n, 4, generator=g), action=torch.randint(0, 2, (n,), generator=g),
+                 reward=torch.randn(n, generator=g), discount=torch.full((n,), 0.99),
+                 next_obs=torch.randn(n, 4, generator=g), idx=torch.arange(n), weights=torch.ones(n))
+
+
+def test_dqn_agent_qat_online_and_target_consistent():
+    agent = _agent("w4a8", target_update_period=3)
+    assert len(list(quant_layers(agent.online))) == 3 and len(list(quant_layers(agent.target))) == 3
+    assert not is_quantized(agent.online)
+    agent.update(_batch())
+    agent.start_quantization()
+    assert is_quantized(agent.online) and is_quantized(agent.target)
+    for _ in range(2):
+        agent.update(_batch())
+    # after a hard update the target holds the online network's weights and quantizer state
+    for (k, a), (_, b) in zip(agent.online.state_dict().items(), agent.target.state_dict().items()):
+        assert torch.equal(a, b), k
+    obs = torch.randn(64, 4)
+    with torch.no_grad():
+        assert torch.equal(agent.online(obs), agent.target(obs))
+
+
+def test_soft_target_update_copies_observer_state():
+    agent = _agent("w8a8", tau=0.5)
+    agent.start_quantization()
+    agent.update(_batch())
+    ta, oa = agent.target.encoder.net[0].act, agent.online.encoder.net[0].act
+    assert torch.equal(ta.max_val, oa.max_val) and bool(ta.enabled)
+
+
+def test_quantized_checkpoint_round_trip(tmp_path):
+    from rlq.checkpoint import load_agent
+    from rlq.train import build_config, _compose
+    from rlq.trainer import Trainer
+    ov = ["agent=dqn", "quant=w4a8", "quant.start_step=0.5", "total_steps=1200", "agent.learning_starts=200",
+          "eval.every=0", "eval.final=false", "checkpoint.every=0", "log.progress=false", "log.tensorboard=false"]
+    cfg = build_config(_compose(ov), ov)
+    tr = Trainer(cfg, tmp_path / "run")
+    tr.train()
+    tr.close()
+    assert is_quantized(tr.agent.online)
+    from rlq.logging import read_metrics
+    assert [r["step"] for r in read_metrics(tmp_path / "run", "event")] == [600]
+    agent = load_agent(tmp_path / "run")
+    assert is_quantized(agent.online)
+    assert agent.online.encoder.net[2].wq.bits == 4 and agent.online.encoder.net[0].wq.bits == 8
+    obs = np.random.default_rng(0).normal(size=(256, 4)).astype(np.float32)
+    assert np.array_equal(agent.act(obs, explore=False), tr.agent.act(obs, explore=False))
+    sd_a, sd_b = agent.online.state_dict(), tr.agent.online.state_dict()
+    assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_b)
+
+
+def test_bad_quant_preset_and_key_give_one_line_errors():
+    from rlq.config import ConfigError, validate
+    from rlq.train import _compose, build_config
+    with pytest.raises(ConfigError, match="act_mode='x'"):
+        ov = ["quant=w8a8", "quant.act_mode=x"]
+        build_config(_compose(ov), ov)
