@@ -64,6 +64,7 @@ from rlq.agents.base import Agent, UpdateOut, register
 from rlq.nets import DuelingHead, QHead, QNetwork, make_encoder
 from rlq.nets.distributional import CategoricalHead, categorical_loss, categorical_projection, gather_actions
 from rlq.nets.noisy import linear_factory, noise_disabled, reset_noise
+from rlq.quant import copy_quant_state
 from rlq.replay.base import Batch
 
 
@@ -222,8 +223,7 @@ class DQNAgent(Agent):
             with torch.no_grad():
                 torch._foreach_lerp_(list(self.target.parameters()), list(self.online.parameters()), self.tau)
                 if self._quant_nets:  # observer ranges and flags are copied, learned ranges averaged above
-                    for t, o in zip(self.target.buffers(), self.online.buffers()):
-                        t.copy_(o)
+                    copy_quant_state(self.target, self.online)
 
     # -- state --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -8,13 +8,13 @@
 See ``rlq/quant/quantizers.py`` for the quantizer formulas and ``rlq/quant/api.py`` for the rule for
 online and target networks.
 """
-from rlq.quant.api import (CALIBRATION_METHODS, IntegerLayer, QuantConfig, calibrate, integer_layer,
+from rlq.quant.api import (CALIBRATION_METHODS, IntegerLayer, QuantConfig, calibrate, copy_quant_state, integer_layer,
                            is_quantized, layer_roles, quant_layers, quantize_, set_quant_enabled)
 from rlq.quant.functions import fake_quant, lsq_quant, pact_quant, trust_quant
 from rlq.quant.layers import QuantConv2d, QuantLinear, QuantNoisyLinear
 from rlq.quant.quantizers import ActQuantizer, WeightQuantizer
 
-__all__ = ["QuantConfig", "quantize_", "set_quant_enabled", "is_quantized", "calibrate", "quant_layers",
+__all__ = ["QuantConfig", "quantize_", "copy_quant_state", "set_quant_enabled", "is_quantized", "calibrate", "quant_layers",
            "layer_roles", "integer_layer", "IntegerLayer", "CALIBRATION_METHODS", "fake_quant", "lsq_quant",
            "pact_quant", "trust_quant", "QuantLinear", "QuantConv2d", "QuantNoisyLinear", "ActQuantizer",
            "WeightQuantizer"]

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from rlq.quant.layers import QUANT_LAYERS, SWAPS, QuantConv2d
-from rlq.quant.quantizers import ACT_MODES, WEIGHT_MODES, ActQuantizer
+from rlq.quant.quantizers import ACT_MODES, WEIGHT_MODES, ActQuantizer, WeightQuantizer
 
 CALIBRATION_METHODS = ("minmax", "percentile", "mse")
 
@@ -256,7 +256,7 @@ def calibrate(net: nn.Module, observations: np.ndarray | torch.Tensor, method: s
     for name, m in layers.items():
         x = torch.cat(samples[name])
         lo, hi = _calibrated_range(x, m.act.q_max, method, percentile)
-        _set_range(m.act, lo, hi)
+        m.act.set_range(lo, hi)
         ranges[name] = (lo, hi)
     set_quant_enabled(net, True)
     return ranges
@@ -283,19 +283,12 @@ def _calibrated_range(x: torch.Tensor, q_max: int, method: str, percentile: floa
     return lo, hi
 
 
-def _set_range(act: ActQuantizer, lo: float, hi: float) -> None:
-    act.min_val.fill_(lo), act.max_val.fill_(hi)
-    act.mean_abs.fill_(max(abs(lo), abs(hi)) / 2)
-    act.observed.fill_(True)
-    act.frozen.fill_(True)
-    act.signed_input.fill_(lo < 0)
-    if act.mode == "lsq":
-        z = 2 ** (act.bits - 1) if lo < 0 else 0
-        act.zero_point.fill_(z)
-        act.step.fill_(max(-lo / z if z else 0.0, hi / (act.q_max - z), 1e-8))
-    elif act.mode == "pact" and lo >= 0:
-        act.alpha.fill_(max(hi, 1e-8))
-    act.initialized.fill_(True)
+def copy_quant_state(target: nn.Module, source: nn.Module) -> None:
+    """Copy the observer statistics and flags of every quantizer (not the learned parameters) from
+    ``source`` to ``target``, two networks of the same structure (soft target updates use this)."""
+    for t, s in zip(target.modules(), source.modules()):
+        if isinstance(s, (ActQuantizer, WeightQuantizer)):
+            t.set_extra_state(s.get_extra_state())
 
 
 @dataclass
@@ -331,7 +324,7 @@ def integer_layer(layer: nn.Module) -> IntegerLayer:
         raise ValueError("integer_layer(): quantization is off for this layer (enable it or calibrate first)")
     w = layer.quant_weight()
     q, s = layer.wq.integer(w)
-    in_scale, in_zp = layer.act.qparams()
+    in_scale, in_zp = layer.act.qparams()  # python floats, the scale a float32 value
     bias = layer.bias_mu if hasattr(layer, "bias_mu") else layer.bias
     bias_np = np.zeros(w.shape[0], np.float32) if bias is None else bias.detach().float().cpu().numpy()
     conv = isinstance(layer, QuantConv2d)
@@ -340,6 +333,6 @@ def integer_layer(layer: nn.Module) -> IntegerLayer:
     return IntegerLayer(
         kind="conv2d" if conv else "linear",
         weight=q.cpu().numpy(), w_scale=s.detach().cpu().numpy().astype(np.float32),
-        weight_bits=layer.wq.bits, in_scale=np.float32(float(in_scale.detach())), in_zero_point=int(in_zp),
+        weight_bits=layer.wq.bits, in_scale=np.float32(in_scale), in_zero_point=int(in_zp),
         in_bits=layer.act.bits, bias=bias_np,
         stride=tuple(layer.stride) if conv else (1, 1), padding=tuple(layer.padding) if conv else (0, 0))

@@ -18,27 +18,35 @@ import torch
 
 class _FakeQuantSTE(torch.autograd.Function):
     """Fixed grid, clipped straight-through estimator (Bengio et al. 2013): the gradient passes where
-    ``round(x / s) + z`` lies inside [q_min, q_max] and is 0 where the value was clamped."""
+    ``round(x / s) + z`` lies inside [q_min, q_max] and is 0 where the value was clamped.
+    Computed as ``clamp(round(x / s), q_min - z, q_max - z) * s`` (identical for integer z)."""
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, q_min: float, q_max: float):
-        q = torch.round(x / scale) + zero_point
-        inside = (q >= q_min) & (q <= q_max)
-        ctx.save_for_backward(inside)
-        return (q.clamp_(q_min, q_max) - zero_point) * scale
+    def forward(ctx, x, scale, zero_point: float, q_min: float, q_max: float, clip_grad: bool):
+        q = torch.round(x / scale)
+        c = q.clamp(q_min - zero_point, q_max - zero_point)
+        ctx.clip_grad = clip_grad
+        if clip_grad:
+            ctx.save_for_backward(c == q)
+        return c * scale
 
     @staticmethod
     def backward(ctx, grad):
-        (inside,) = ctx.saved_tensors
-        return grad * inside, None, None, None, None
+        if ctx.clip_grad:
+            (inside,) = ctx.saved_tensors
+            grad = grad * inside
+        return grad, None, None, None, None, None
 
 
-def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | float, q_min: int,
-               q_max: int) -> torch.Tensor:
-    """``(clamp(round(x / s) + z, q_min, q_max) - z) * s`` with the clipped STE (no gradient to s, z)."""
-    if not torch.is_tensor(zero_point):
-        zero_point = torch.tensor(float(zero_point), dtype=x.dtype, device=x.device)
-    return _FakeQuantSTE.apply(x, scale, zero_point, float(q_min), float(q_max))
+def fake_quant(x: torch.Tensor, scale: torch.Tensor | float, zero_point: float, q_min: int, q_max: int,
+               clip_grad: bool = True) -> torch.Tensor:
+    """``(clamp(round(x / s) + z, q_min, q_max) - z) * s`` with the clipped STE (no gradient to s, z).
+    ``clip_grad=False``: a plain STE, for grids that never clip (max-based weight scales)."""
+    if not (torch.is_grad_enabled() and (x.requires_grad or torch.is_tensor(scale) and scale.requires_grad)):
+        # no autograd graph (target network, acting): three in-place ops, no autograd.Function overhead
+        z = float(zero_point)
+        return torch.round(x / scale).clamp_(q_min - z, q_max - z).mul_(scale)
+    return _FakeQuantSTE.apply(x, scale, float(zero_point), float(q_min), float(q_max), bool(clip_grad))
 
 
 class _TrustQuant(torch.autograd.Function):
@@ -115,6 +123,41 @@ class _PACT(torch.autograd.Function):
 def pact_quant(x: torch.Tensor, alpha: torch.Tensor, bits: int) -> torch.Tensor:
     """PACT activation quantization to unsigned ``bits`` with learnable clip ``alpha`` (shape (1,))."""
     return _PACT.apply(x, alpha, float(2 ** bits - 1))
+
+
+class _QuantLinearFn(torch.autograd.Function):
+    """A whole fake-quant linear layer in one autograd node, for the common case of a fixed input grid
+    (EMA range) and max-based weight scales: ``y = (clamp(round(x / s_x), -z, q_max - z) s_x)
+    (round(W / s_w) s_w)^T + b``. Gradients: clipped STE for x, plain STE for W (never clipped).
+    Computes exactly what the composed quantizers compute, with far fewer autograd nodes."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, s_x: float, z_x: float, q_max_x: float, s_w):
+        q = torch.round(x / s_x)
+        c = q.clamp(-z_x, q_max_x - z_x)
+        inside = c == q
+        xq = c.mul_(s_x)
+        wq = torch.round(weight / s_w).mul_(s_w)
+        ctx.save_for_backward(xq, wq, inside)
+        ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(wq)
+        y = torch.addmm(bias, xq, wq.t()) if bias is not None else xq @ wq.t()
+        return y, wq
+
+    @staticmethod
+    def backward(ctx, grad, _grad_wq):
+        xq, wq, inside = ctx.saved_tensors
+        gx = (grad @ wq).mul_(inside) if ctx.needs_input_grad[0] else None
+        gw = grad.t() @ xq if ctx.needs_input_grad[1] else None
+        gb = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, gw, gb, None, None, None, None
+
+
+def quant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, s_x: float, z_x: float,
+                 q_max_x: int, s_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused fake-quant linear layer (2-d input; see :class:`_QuantLinearFn`): (output, fake-quant
+    weights, the latter without gradient)."""
+    return _QuantLinearFn.apply(x, weight, bias, float(s_x), float(z_x), float(q_max_x), s_w)
 
 
 # MSE-optimal clipping of a unit Gaussian for b bits (QuEST's OPTIMAL_GAUSSIAN_SCALES): clip at alpha_b * RMS

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlq.nets.noisy import NoisyLinear
+from rlq.quant.functions import quant_linear
 from rlq.quant.quantizers import ActQuantizer, WeightQuantizer
 
 
@@ -38,12 +39,11 @@ class _QuantMixin:
         if enabled:
             self.wq.init_from(self.quant_weight())
             self.act.init_from_observer()
-        self.act.enabled.fill_(bool(enabled))
-        self.wq.enabled.fill_(bool(enabled))
+        self.act.enabled = self.wq.enabled = bool(enabled)
 
     @property
     def quant_enabled(self) -> bool:
-        return bool(self.wq.enabled)
+        return self.wq.enabled
 
 
 class QuantLinear(_QuantMixin, nn.Linear):
@@ -55,7 +55,16 @@ class QuantLinear(_QuantMixin, nn.Linear):
         self._init_quant(weight_bits, act_bits, **quant_kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.act(x), self.wq(self.weight), self.bias)
+        act, wq = self.act, self.wq
+        if (wq.enabled and torch.is_grad_enabled() and x.dim() == 2 and act.initialized
+                and act.effective_mode == "ema" and wq.mode == "max" and wq.bits > 1):
+            # training forward of the default config: one fused autograd node (same numbers)
+            act.observe_if_training(x)
+            s_x, z_x = act.qparams()
+            y, w_hat = quant_linear(x, self.weight, self.bias, s_x, z_x, act.q_max, wq.scale(self.weight))
+            wq.remember(self.weight, w_hat)  # the next no-grad forward (e.g. Double DQN's argmax) reuses it
+            return y
+        return F.linear(act(x), wq(self.weight), self.bias)
 
 
 class QuantConv2d(_QuantMixin, nn.Conv2d):

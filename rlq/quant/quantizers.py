@@ -24,8 +24,10 @@ forward -- never the target network's, never acting -- or during :func:`rlq.quan
   input is signed (e.g. a first layer on raw vector observations) falls back to ``ema``.
 
 While ``enabled`` is False (before ``quant.start_step``) every quantizer is the identity but the
-observers keep observing. Every piece of state is a parameter or buffer, so it is saved in checkpoints,
-copied to a target network by ``load_state_dict`` and loaded by evaluation.
+observers keep observing. Learned ranges are parameters; flags and observer statistics are plain
+Python numbers (no tensor op per check on the hot path) kept in the module's *extra state*, so all of
+it is saved in checkpoints, copied to a target network by ``load_state_dict`` and loaded by
+evaluation. Scales are float32 values, so the exported scale is exactly the one used in training.
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ import math
 
 import torch
 from torch import nn
+
+import numpy as np
 
 from rlq.quant.functions import GAUSSIAN_MSE_CLIP, fake_quant, lsq_quant, pact_quant, trust_quant
 
@@ -46,19 +50,40 @@ def weight_qmax(bits: int) -> int:
     return 1 if bits == 1 else 2 ** (bits - 1) - 1
 
 
-class WeightQuantizer(nn.Module):
+def f32(v: float) -> float:
+    """``v`` rounded to the nearest float32 (scales are float32 numbers end to end)."""
+    return float(np.float32(v))
+
+
+class _StateMixin:
+    """Flags and statistics as Python attributes, saved through ``get_extra_state``."""
+
+    _STATE: tuple[str, ...] = ()
+
+    def get_extra_state(self) -> dict:
+        return {k: getattr(self, k) for k in self._STATE}
+
+    def set_extra_state(self, state: dict) -> None:
+        for k in self._STATE:
+            if k in state:
+                setattr(self, k, type(getattr(self, k))(state[k]))
+
+
+class WeightQuantizer(_StateMixin, nn.Module):
     """Per-output-channel symmetric fake quantization of a weight tensor (dim 0 = output channels)."""
+
+    _STATE = ("enabled", "initialized")
 
     def __init__(self, bits: int, mode: str = "max", channels: int = 1, trust: float = 1.0):
         super().__init__()
         if mode not in WEIGHT_MODES:
             raise ValueError(f"unknown weight quantizer mode {mode!r}: choose one of {', '.join(WEIGHT_MODES)}")
-        if bits not in (1, 2, 3, 4, 5, 6, 7, 8):
+        if bits not in range(1, 9):
             raise ValueError(f"weight bits must be in 1..8, got {bits}")
         self.bits, self.mode, self.trust = int(bits), mode, float(trust)
         self.q_max = weight_qmax(self.bits)
-        self.register_buffer("enabled", torch.tensor(False))
-        self.register_buffer("initialized", torch.tensor(False))
+        self.enabled = False
+        self.initialized = False
         self.step = nn.Parameter(torch.ones(channels)) if mode == "lsq" else None
         self._cache: tuple | None = None
 
@@ -70,13 +95,13 @@ class WeightQuantizer(nn.Module):
 
     def scale(self, w: torch.Tensor) -> torch.Tensor:
         """Per-channel scale, shaped to broadcast against ``w`` (detached for max/quest)."""
-        flat = w.detach().reshape(w.shape[0], -1)
         if self.mode == "lsq":
             return self.step.abs().clamp_min(_EPS).reshape(self._shape(w))
+        flat = w.detach().reshape(w.shape[0], -1)
         if self.bits == 1:  # binary: s = mean |w| (XNOR-Net) or the Gaussian-optimal clip
             s = flat.abs().mean(1) if self.mode == "max" else GAUSSIAN_MSE_CLIP[1] * flat.pow(2).mean(1).sqrt()
         elif self.mode == "max":
-            s = flat.abs().amax(1) / self.q_max
+            s = flat.abs().amax(1).div_(self.q_max)  # (vector_norm(inf, dim) and aminmax(dim) are 10x slower)
         else:  # quest
             s = GAUSSIAN_MSE_CLIP[self.bits] * flat.pow(2).mean(1).sqrt() / self.q_max
         return s.clamp_min(_EPS).reshape(self._shape(w))
@@ -84,10 +109,10 @@ class WeightQuantizer(nn.Module):
     @torch.no_grad()
     def init_from(self, w: torch.Tensor) -> None:
         """Initialise learned steps from the current weights (LSQ: 2 mean|w| / sqrt(Q_P))."""
-        if self.mode == "lsq" and not bool(self.initialized):
+        if self.mode == "lsq" and not self.initialized:
             flat = w.detach().reshape(w.shape[0], -1)
             self.step.copy_((2 * flat.abs().mean(1) / math.sqrt(self.q_max)).clamp_min(_EPS))
-        self.initialized.fill_(True)
+        self.initialized = True
 
     def integer(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(integer codes as int8 with the weight's shape, per-channel float32 scale (C,))."""
@@ -100,10 +125,10 @@ class WeightQuantizer(nn.Module):
             return q.to(torch.int8), s.reshape(-1).float()
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        if not bool(self.enabled):
+        if not self.enabled:
             return w
         if not torch.is_grad_enabled():  # target net / acting: reuse while the weights are unchanged
-            key = (w._version, id(w), None if self.step is None else self.step._version)
+            key = self._key(w)
             if self._cache is not None and self._cache[0] == key:
                 return self._cache[1]
             out = self._quant(w)
@@ -111,6 +136,14 @@ class WeightQuantizer(nn.Module):
             return out
         self._cache = None
         return self._quant(w)
+
+    def _key(self, w: torch.Tensor) -> tuple:
+        return (w._version, id(w), None if self.step is None else self.step._version)
+
+    def remember(self, w: torch.Tensor, w_hat: torch.Tensor) -> None:
+        """Cache ``w_hat`` (the fake-quant weights computed by a fused training forward) for the
+        no-grad forwards that follow before the next optimizer step."""
+        self._cache = (self._key(w), w_hat.detach())
 
     def _quant(self, w: torch.Tensor) -> torch.Tensor:
         s = self.scale(w)
@@ -120,33 +153,35 @@ class WeightQuantizer(nn.Module):
         if self.mode == "lsq":
             n = w[0].numel()
             return lsq_quant(w, s, -self.q_max, self.q_max, 1.0 / math.sqrt(n * self.q_max))
-        zero = torch.zeros((), dtype=w.dtype, device=w.device)
         if self.mode == "quest":
+            zero = torch.zeros((), dtype=w.dtype, device=w.device)
             return trust_quant(w, s, zero, -self.q_max, self.q_max, s * (0.5 * self.trust))
-        return fake_quant(w, s, zero, -self.q_max, self.q_max)
+        # max-based scales never clip: a plain straight-through estimator
+        return fake_quant(w, s, 0.0, -self.q_max, self.q_max, clip_grad=False)
 
 
-class ActQuantizer(nn.Module):
+class ActQuantizer(_StateMixin, nn.Module):
     """Per-tensor asymmetric unsigned fake quantization of a layer's input, with an EMA observer."""
+
+    _STATE = ("enabled", "initialized", "observed", "calibrating", "frozen", "signed_input", "min_val",
+              "max_val", "mean_abs", "zero_point")
 
     def __init__(self, bits: int, mode: str = "ema", momentum: float = 0.99):
         super().__init__()
         if mode not in ACT_MODES:
             raise ValueError(f"unknown activation quantizer mode {mode!r}: choose one of {', '.join(ACT_MODES)}")
-        if bits not in (2, 3, 4, 5, 6, 7, 8):
+        if bits not in range(2, 9):
             raise ValueError(f"activation bits must be in 2..8, got {bits}")
         self.bits, self.mode, self.momentum = int(bits), mode, float(momentum)
         self.q_max = 2 ** self.bits - 1
-        self.register_buffer("enabled", torch.tensor(False))
-        self.register_buffer("initialized", torch.tensor(False))  # learned range set from the observer
-        self.register_buffer("observed", torch.tensor(False))     # the observer has seen data
-        self.register_buffer("calibrating", torch.tensor(False))  # observe regardless of mode/grad
-        self.register_buffer("frozen", torch.tensor(False))       # ranges fixed (PTQ): observer off
-        self.register_buffer("min_val", torch.zeros(()))
-        self.register_buffer("max_val", torch.zeros(()))
-        self.register_buffer("mean_abs", torch.zeros(()))
-        self.register_buffer("zero_point", torch.zeros(()))  # lsq: fixed at init; ema/pact: derived
-        self.register_buffer("signed_input", torch.tensor(False))  # set when learned ranges are initialised
+        self.enabled = False
+        self.initialized = False   # learned range set from the observer
+        self.observed = False      # the observer has seen data
+        self.calibrating = False   # observe regardless of mode / autograd (PTQ)
+        self.frozen = False        # ranges fixed (PTQ): observer off
+        self.signed_input = False  # set when learned ranges are initialised
+        self.min_val = self.max_val = self.mean_abs = 0.0
+        self.zero_point = 0.0      # lsq: fixed at init; ema: derived from the range; pact: 0
         self.step = nn.Parameter(torch.ones(())) if mode == "lsq" else None
         self.alpha = nn.Parameter(torch.ones(1)) if mode == "pact" else None
 
@@ -156,66 +191,89 @@ class ActQuantizer(nn.Module):
     # -- observer -------------------------------------------------------------------------------------
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
-        lo, hi, ma = x.min().float(), x.max().float(), x.abs().mean().float()
-        if not bool(self.observed):
-            self.min_val.copy_(lo), self.max_val.copy_(hi), self.mean_abs.copy_(ma)
-            self.observed.fill_(True)
-        elif bool(self.calibrating):  # calibration: the running min/max over all batches
-            self.min_val.copy_(torch.minimum(self.min_val, lo)), self.max_val.copy_(torch.maximum(self.max_val, hi))
-            self.mean_abs.lerp_(ma, 0.1)
+        lo, hi = (float(v) for v in torch.aminmax(x.detach()))
+        need_abs = self.calibrating or (self.mode == "lsq" and not self.initialized)
+        ma = float(x.detach().abs().mean()) if need_abs else self.mean_abs
+        if not self.observed:
+            self.min_val, self.max_val, self.mean_abs = lo, hi, ma
+            self.observed = True
+        elif self.calibrating:  # calibration: the running min/max over all batches
+            self.min_val, self.max_val = min(self.min_val, lo), max(self.max_val, hi)
+            self.mean_abs += 0.1 * (ma - self.mean_abs)
         else:
             m = 1.0 - self.momentum
-            self.min_val.lerp_(lo, m), self.max_val.lerp_(hi, m), self.mean_abs.lerp_(ma, m)
+            self.min_val += m * (lo - self.min_val)
+            self.max_val += m * (hi - self.max_val)
+            self.mean_abs += m * (ma - self.mean_abs)
 
     @property
     def signed(self) -> bool:
-        return bool(self.min_val < 0)
+        return self.min_val < 0
 
     @property
     def effective_mode(self) -> str:
         """The mode in use: PACT on a signed input falls back to the EMA range."""
-        return "ema" if self.mode == "pact" and bool(self.signed_input) else self.mode
+        return "ema" if self.mode == "pact" and self.signed_input else self.mode
 
     # -- quantization parameters ------------------------------------------------------------------------
-    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, zero point) as 0-d float tensors: what the integer deployment uses."""
+    def qparams(self) -> tuple[float, float]:
+        """(scale, zero point) as Python floats (the scale a float32 value): what deployment uses."""
         mode = self.effective_mode
         if mode == "lsq":
-            return self.step.abs().clamp_min(_EPS), self.zero_point
+            return f32(self.step.detach().abs().clamp_min(_EPS)), self.zero_point
         if mode == "pact":
-            return (self.alpha.abs().clamp_min(_EPS) / self.q_max).reshape(()), self.zero_point
-        lo, hi = self.min_val.clamp(max=0.0), self.max_val.clamp(min=0.0)
-        s = ((hi - lo) / self.q_max).clamp_min(_EPS)
-        z = torch.round(-lo / s).clamp(0, self.q_max)
-        return s.detach(), z.detach()
+            return f32(self.alpha.detach().abs().clamp_min(_EPS) / self.q_max), 0.0
+        return self._ema_qparams()
+
+    def _ema_qparams(self) -> tuple[float, float]:
+        lo, hi = min(self.min_val, 0.0), max(self.max_val, 0.0)
+        s = f32(max((hi - lo) / self.q_max, _EPS))
+        return s, float(min(max(round(-lo / s), 0), self.q_max))
 
     @torch.no_grad()
     def init_from_observer(self) -> None:
         """Set learned ranges (LSQ step and zero point, PACT alpha) from the observed statistics."""
-        if not bool(self.observed):
+        if not self.observed:
             return
-        self.signed_input.fill_(self.signed)
+        self.signed_input = self.signed
         if self.mode == "lsq":
-            z = 2 ** (self.bits - 1) if self.signed else 0
-            self.zero_point.fill_(z)
-            self.step.fill_(max(2 * float(self.mean_abs) / math.sqrt(self.q_max - z), _EPS))
+            self.zero_point = float(2 ** (self.bits - 1) if self.signed else 0)
+            self.step.fill_(max(2 * self.mean_abs / math.sqrt(self.q_max - self.zero_point), _EPS))
         elif self.mode == "pact" and not self.signed:
-            self.alpha.fill_(max(float(self.max_val), _EPS))
-        self.initialized.fill_(True)
+            self.alpha.fill_(max(self.max_val, _EPS))
+        self.initialized = True
+
+    def set_range(self, lo: float, hi: float) -> None:
+        """Fix the range to [lo, hi] (PTQ): the observer stops; learned ranges are set to match."""
+        self.min_val, self.max_val = float(lo), float(hi)
+        self.mean_abs = max(abs(lo), abs(hi)) / 2
+        self.observed = self.frozen = self.initialized = True
+        self.signed_input = lo < 0
+        with torch.no_grad():
+            if self.mode == "lsq":
+                z = 2 ** (self.bits - 1) if lo < 0 else 0
+                self.zero_point = float(z)
+                self.step.fill_(max(-lo / z if z else 0.0, hi / (self.q_max - z), _EPS))
+            elif self.mode == "pact" and lo >= 0:
+                self.alpha.fill_(max(hi, _EPS))
+
+    def observe_if_training(self, x: torch.Tensor) -> None:
+        """Update the observer on a training forward (online loss forward) or during calibration."""
+        if not self.frozen and (self.calibrating or (self.training and torch.is_grad_enabled())):
+            self.observe(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not bool(self.frozen) and (bool(self.calibrating) or (self.training and torch.is_grad_enabled())):
-            self.observe(x)
-        if not bool(self.enabled):
+        self.observe_if_training(x)
+        if not self.enabled:
             return x
-        if not bool(self.initialized):
+        if not self.initialized:
             self.init_from_observer()
         mode = self.effective_mode
         if mode == "lsq":
-            z = float(self.zero_point)
+            z = self.zero_point
             return lsq_quant(x, self.step.abs().clamp_min(_EPS), -z, self.q_max - z,
                              1.0 / math.sqrt(x[0].numel() * (self.q_max - z)))
         if mode == "pact":
             return pact_quant(x, self.alpha.abs().clamp_min(_EPS), self.bits)
-        s, z = self.qparams()
-        return fake_quant(x, s.to(x.dtype), z.to(x.dtype), 0, self.q_max)
+        s, z = self._ema_qparams()
+        return fake_quant(x, s, z, 0, self.q_max)

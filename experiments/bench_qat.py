@@ -1,0 +1,111 @@
+"""QAT overhead: time of one DQN-family training update (sample excluded) with fake quantization on,
+relative to fp32, for the CartPole MLP and the Nature CNN (Pong shapes). Settings alternate inside each
+round so that machine noise hits them alike; medians over rounds.
+
+    python experiments/bench_qat.py [--rounds 7] [--iters 60] [--threads 1]
+
+Each round times ``--iters`` updates per setting (after a warm-up): fp32, w8a8 (max-based weight scales,
+EMA activation ranges), w4a8 (LSQ weights), w2a8 (LSQ weights), w4a8 with LSQ activations, w8a8 with
+QuEST weights. Writes experiments/results/bench_qat.md with the machine, versions and command.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from rlq.agents import make_agent
+from rlq.replay.base import Batch
+from rlq.train import _compose, build_config
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SETTINGS = {
+    "fp32": ["quant=none"],
+    "w8a8": ["quant=w8a8"],
+    "w4a8": ["quant=w4a8"],
+    "w2a8": ["quant=w2a8"],
+    "w4a8 lsq-act": ["quant=w4a8", "quant.act_mode=lsq"],
+    "w8a8 quest": ["quant=w8a8", "quant.weight_mode=quest"],
+}
+NETS = {  # name: (overrides, observation space, actions)
+    "MLP 256-256 (CartPole, batch 64)": (["agent=dqn", "env=CartPole"], gym.spaces.Box(-5, 5, (4,), np.float32), 2),
+    "Nature CNN (Pong, batch 32)": (["agent=dqn", "env=Pong"], gym.spaces.Box(0, 255, (4, 84, 84), np.uint8), 6),
+}
+
+
+def make(overrides: list[str], obs_space, n_actions: int):
+    cfg = build_config(_compose(overrides), overrides)
+    agent = make_agent(cfg.agent, obs_space, gym.spaces.Discrete(n_actions), seed=0, quant=cfg.quant)
+    agent.start_quantization()
+    b = int(cfg.agent.batch_size)
+    g = torch.Generator().manual_seed(0)
+
+    def obs():
+        if obs_space.dtype == np.uint8:
+            return torch.randint(0, 256, (b, *obs_space.shape), dtype=torch.uint8, generator=g)
+        return torch.randn(b, *obs_space.shape, generator=g)
+    batch = Batch(obs=obs(), action=torch.randint(0, n_actions, (b,), generator=g), reward=torch.randn(b, generator=g),
+                  discount=torch.full((b,), 0.99), next_obs=obs(), idx=torch.arange(b), weights=torch.ones(b))
+    return agent, batch
+
+
+def time_updates(agent, batch, iters: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        agent.update(batch)
+    return (time.perf_counter() - t0) / iters * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--iters", type=int, default=60, help="updates per setting per round (CNN: a quarter)")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    command = "python " + " ".join(["experiments/bench_qat.py", *sys.argv[1:]])
+    rows = []
+    for net_name, (net_ov, space, n_act) in NETS.items():
+        iters = args.iters if space.dtype != np.uint8 else max(5, args.iters // 4)
+        agents = {k: make(net_ov + ov, space, n_act) for k, ov in SETTINGS.items()}
+        for agent, batch in agents.values():  # warm-up
+            time_updates(agent, batch, 5)
+        times: dict[str, list[float]] = {k: [] for k in SETTINGS}
+        for r in range(args.rounds):
+            for k, (agent, batch) in agents.items():
+                times[k].append(time_updates(agent, batch, iters))
+            print(f"{net_name} round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.2f} ms" for k, v in times.items()),
+                  flush=True)
+        base = statistics.median(times["fp32"])
+        for k, v in times.items():
+            med = statistics.median(v)
+            ratios = [t / f for t, f in zip(v, times["fp32"])]  # per-round ratio: same noise for both
+            rows.append((net_name, k, med, statistics.median(ratios), base))
+    lines = [
+        "# QAT overhead per training update (DQN loss, Adam; sampling excluded)",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {platform.processor() or platform.machine()}, {args.threads} torch thread(s); python "
+        f"{platform.python_version()}, torch {torch.__version__}  ",
+        f"Written: {time.strftime('%Y-%m-%d %H:%M')}. {args.rounds} rounds, settings alternating inside each round; "
+        "ratio = median over rounds of (setting / fp32 in the same round).",
+        "",
+        "| network | setting | ms / update (median) | ratio to fp32 |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {n} | {k} | {med:.2f} | {ratio:.2f}x |" for n, k, med, ratio, _ in rows]
+    text = "\n".join(lines) + "\n"
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "bench_qat.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
