@@ -33,16 +33,29 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
-
-import numpy as np
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from rlq.quant.functions import GAUSSIAN_MSE_CLIP, fake_quant, lsq_quant, pact_quant, trust_quant
 
 WEIGHT_MODES = ("max", "lsq", "quest")
 ACT_MODES = ("ema", "lsq", "pact")
 _EPS = 1e-8
+
+
+# Cache generation: bumped after every optimizer step anywhere. Fused optimizers (Adam(fused=True))
+# update parameters without bumping their version counters, so a cached fake-quant weight is only
+# reused while both the version and this generation are unchanged.
+_GENERATION = [0]
+
+
+def _bump_generation(*_args, **_kwargs) -> None:
+    _GENERATION[0] += 1
+
+
+register_optimizer_step_post_hook(_bump_generation)
 
 
 def weight_qmax(bits: int) -> int:
@@ -138,7 +151,7 @@ class WeightQuantizer(_StateMixin, nn.Module):
         return self._quant(w)
 
     def _key(self, w: torch.Tensor) -> tuple:
-        return (w._version, id(w), None if self.step is None else self.step._version)
+        return (_GENERATION[0], w._version, id(w), None if self.step is None else self.step._version)
 
     def remember(self, w: torch.Tensor, w_hat: torch.Tensor) -> None:
         """Cache ``w_hat`` (the fake-quant weights computed by a fused training forward) for the
