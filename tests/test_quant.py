@@ -419,3 +419,21 @@ def test_bad_quant_preset_and_key_give_one_line_errors():
     with pytest.raises(ConfigError, match="act_mode='x'"):
         ov = ["quant=w8a8", "quant.act_mode=x"]
         build_config(_compose(ov), ov)
+
+
+def test_pixel_inputs_are_their_own_codes():
+    torch.manual_seed(0)
+    net = QNetwork(NatureCNN(4, 512), QHead(512, 6))
+    x = torch.randint(0, 120, (4, 4, 84, 84), dtype=torch.uint8)  # max pixel far below 255
+    quantize_(net, W8, x, pixel_input=True)
+    net(x)
+    set_quant_enabled(net)
+    first = net.encoder.convs[0]
+    il = integer_layer(first)
+    assert il.in_scale == np.float32(1 / 255) and il.in_zero_point == 0
+    q = ref.quantize_input(x.numpy().astype(np.float32) / np.float32(255), il.in_scale, 0, 8)
+    assert np.array_equal(q, x.numpy())
+    xf = x.float() / 255
+    assert torch.equal(first.act(xf), xf)  # the fake quantization of pixels is the identity
+    calibrate(net, x)  # PTQ keeps the pixel grid
+    assert integer_layer(first).in_scale == np.float32(1 / 255)

@@ -62,7 +62,9 @@ class Agent(ABC):
         online and target copies of a network both go through here so they stay consistent.
         ``example_inputs`` defaults to a batch of observations (pass ``(obs, action)`` for critics)."""
         if self.quant.enabled:
-            quantize_(net, self.quant, self.example_obs() if example_inputs is None else example_inputs)
+            pixels = np.dtype(self.observation_space.dtype) == np.uint8 and len(self.observation_space.shape) == 3
+            quantize_(net, self.quant, self.example_obs() if example_inputs is None else example_inputs,
+                      pixel_input=pixels)
             self._quant_nets.append(net)
         return net
 

@@ -170,11 +170,14 @@ def layer_roles(module: nn.Module, example_inputs: Sequence[torch.Tensor] | torc
 
 
 def quantize_(module: nn.Module, config: QuantConfig | Any,
-              example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None) -> nn.Module:
+              example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
+              pixel_input: bool = False) -> nn.Module:
     """Swap every ``nn.Linear`` / ``nn.Conv2d`` / ``NoisyLinear`` in ``module`` for its fake-quant
     subclass, in place (parameters keep their identity), and return ``module``. A no-op for
     ``quant=none``. Quantization starts disabled: call :func:`set_quant_enabled` (agents do this at
-    ``quant.start_step``). ``example_inputs`` lets the first/last layers be found from the graph."""
+    ``quant.start_step``). ``example_inputs`` lets the first/last layers be found from the graph.
+    ``pixel_input``: the first layers read uint8 pixels divided by 255 (the Nature CNN): their input
+    grid is fixed to [0, 1] in 255 steps, so the codes are the pixels themselves (needs 8-bit inputs)."""
     config = QuantConfig.from_cfg(config)
     if not config.enabled:
         return module
@@ -193,6 +196,11 @@ def quantize_(module: nn.Module, config: QuantConfig | Any,
             wbits, abits = config.last_bits, max(abits, config.last_bits) if "first" in r else config.last_bits
         m.__class__ = cls
         m._init_quant(wbits, abits, **kw)
+        if pixel_input and "first" in r:
+            if abits != 8:
+                raise ValueError(f"pixel inputs need 8-bit first-layer activations, got {abits} "
+                                 "(set quant.first_bits=8)")
+            m.act.set_range(0.0, 1.0, on_grid=True)
     return module
 
 
@@ -254,6 +262,9 @@ def calibrate(net: nn.Module, observations: np.ndarray | torch.Tensor, method: s
             h.remove()
     ranges = {}
     for name, m in layers.items():
+        if m.act.on_grid:  # pixel inputs: the grid is fixed, nothing to calibrate
+            ranges[name] = (m.act.min_val, m.act.max_val)
+            continue
         x = torch.cat(samples[name])
         lo, hi = _calibrated_range(x, m.act.q_max, method, percentile)
         m.act.set_range(lo, hi)

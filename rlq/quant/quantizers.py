@@ -177,7 +177,7 @@ class ActQuantizer(_StateMixin, nn.Module):
     """Per-tensor asymmetric unsigned fake quantization of a layer's input, with an EMA observer."""
 
     _STATE = ("enabled", "initialized", "observed", "calibrating", "frozen", "signed_input", "min_val",
-              "max_val", "mean_abs", "zero_point")
+              "max_val", "mean_abs", "zero_point", "on_grid")
 
     def __init__(self, bits: int, mode: str = "ema", momentum: float = 0.99):
         super().__init__()
@@ -195,6 +195,7 @@ class ActQuantizer(_StateMixin, nn.Module):
         self.signed_input = False  # set when learned ranges are initialised
         self.min_val = self.max_val = self.mean_abs = 0.0
         self.zero_point = 0.0      # lsq: fixed at init; ema: derived from the range; pact: 0
+        self.on_grid = False       # inputs are known to be exact grid values (uint8 pixels / 255): identity
         self.step = nn.Parameter(torch.ones(())) if mode == "lsq" else None
         self.alpha = nn.Parameter(torch.ones(1)) if mode == "pact" else None
 
@@ -256,8 +257,11 @@ class ActQuantizer(_StateMixin, nn.Module):
             self.alpha.fill_(max(self.max_val, _EPS))
         self.initialized = True
 
-    def set_range(self, lo: float, hi: float) -> None:
-        """Fix the range to [lo, hi] (PTQ): the observer stops; learned ranges are set to match."""
+    def set_range(self, lo: float, hi: float, on_grid: bool = False) -> None:
+        """Fix the range to [lo, hi] (PTQ): the observer stops; learned ranges are set to match.
+        ``on_grid``: the inputs are known to be exact grid values (e.g. uint8 pixels scaled by 1/255 on
+        [0, 1] with 8 bits), so quantizing them is the identity and is skipped."""
+        self.on_grid = bool(on_grid)
         self.min_val, self.max_val = float(lo), float(hi)
         self.mean_abs = max(abs(lo), abs(hi)) / 2
         self.observed = self.frozen = self.initialized = True
@@ -277,7 +281,7 @@ class ActQuantizer(_StateMixin, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.observe_if_training(x)
-        if not self.enabled:
+        if not self.enabled or self.on_grid:
             return x
         if not self.initialized:
             self.init_from_observer()
