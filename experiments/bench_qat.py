@@ -6,7 +6,8 @@ round so that machine noise hits them alike; medians over rounds.
 
 Each round times ``--iters`` updates per setting (after a warm-up): fp32, w8a8 (max-based weight scales,
 EMA activation ranges), w4a8 (LSQ weights), w2a8 (LSQ weights), w4a8 with LSQ activations, w8a8 with
-QuEST weights. Writes experiments/results/bench_qat.md with the machine, versions and command.
+QuEST weights. Then the whole training loop's env steps/s (fp32, w8a8, w4a8) on CartPole and Pong.
+Writes experiments/results/bench_qat.md with the machine, versions and command.
 """
 from __future__ import annotations
 
@@ -63,11 +64,34 @@ def time_updates(agent, batch, iters: int) -> float:
     return (time.perf_counter() - t0) / iters * 1e3
 
 
+def loop_sps(net_ov: list[str], quant_ov: list[str], steps: int, learning_starts: int) -> float:
+    """Env steps per second of the whole training loop (act, env step, replay add, updates) after the
+    warm-up, with quantization on from the first update."""
+    import tempfile
+
+    from rlq.trainer import Trainer
+
+    ov = [*net_ov, *quant_ov, f"total_steps={learning_starts + steps}", f"agent.learning_starts={learning_starts}",
+          "eval.every=0", "eval.final=false", "checkpoint.every=0", "log.progress=false", "log.tensorboard=false",
+          f"log.every={steps // 4}", "threads=1", "env.num_envs=1"]
+    cfg = build_config(_compose(ov), ov)
+    with tempfile.TemporaryDirectory() as d:
+        tr = Trainer(cfg, d)
+        try:
+            tr.train()
+            from rlq.logging import read_metrics
+            recs = [r for r in read_metrics(d, "train") if r["step"] > learning_starts]
+        finally:
+            tr.close()
+    return statistics.median(r["sps"] for r in recs)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--iters", type=int, default=60, help="updates per setting per round (CNN: a quarter)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--loop-rounds", type=int, default=3, help="rounds of the whole-loop measurement (0: skip)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     command = "python " + " ".join(["experiments/bench_qat.py", *sys.argv[1:]])
@@ -88,6 +112,20 @@ def main() -> None:
             med = statistics.median(v)
             ratios = [t / f for t, f in zip(v, times["fp32"])]  # per-round ratio: same noise for both
             rows.append((net_name, k, med, statistics.median(ratios), base))
+    loop_rows = []
+    if args.loop_rounds:
+        loops = {"MLP 256-256 (CartPole, batch 64)": (["agent=dqn", "env=CartPole"], 4000, 1000),
+                 "Nature CNN (Pong, batch 32)": (["agent=dqn", "env=Pong"], 1200, 400)}
+        for net_name, (net_ov, steps, ls) in loops.items():
+            sps: dict[str, list[float]] = {"fp32": [], "w8a8": [], "w4a8": []}
+            for r in range(args.loop_rounds):
+                for k in sps:
+                    sps[k].append(loop_sps(net_ov, SETTINGS[k], steps, ls))
+                print(f"{net_name} loop round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f} sps" for k, v in sps.items()),
+                      flush=True)
+            for k, v in sps.items():
+                loop_rows.append((net_name, k, statistics.median(v),
+                                  statistics.median([f / t for t, f in zip(v, sps["fp32"])])))
     lines = [
         "# QAT overhead per training update (DQN loss, Adam; sampling excluded)",
         "",
@@ -101,6 +139,12 @@ def main() -> None:
         "|---|---|---|---|",
     ]
     lines += [f"| {n} | {k} | {med:.2f} | {ratio:.2f}x |" for n, k, med, ratio, _ in rows]
+    if loop_rows:
+        lines += ["", "Whole training loop (act + env step + replay + one update per train_freq), quantization on "
+                  "from the first update, 1 env, 1 thread; time ratio = fp32 steps/s / setting steps/s "
+                  "(median over rounds):", "",
+                  "| network | setting | env steps / s | time ratio to fp32 |", "|---|---|---|---|"]
+        lines += [f"| {n} | {k} | {sps:.0f} | {ratio:.2f}x |" for n, k, sps, ratio in loop_rows]
     text = "\n".join(lines) + "\n"
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "bench_qat.md").write_text(text)

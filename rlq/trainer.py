@@ -150,6 +150,8 @@ class Trainer:
         gradient_steps, batch_size = int(a.gradient_steps), int(a.batch_size)
         eval_every, ckpt_every, log_every = int(cfg.eval.every), int(cfg.checkpoint.every), int(cfg.log.every)
         clip = bool(cfg.env.clip_rewards)
+        target = cfg.eval.get("target_return")
+        target_return = None if target is None else float(target)
         self.logger = RunLogger(self.run_dir, tensorboard=bool(cfg.log.tensorboard))
         self.progress = ProgressLine(total, enabled=bool(cfg.log.progress))
         old_handlers = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -224,6 +226,9 @@ class Trainer:
                     self.logger.log(self.step, last_eval, kind="eval")
                     self.progress.update(self.step, {"eval": last_eval["return_mean"],
                                                      "iqm": last_eval["return_iqm"]}, force=True)
+                    if target_return is not None and last_eval["return_mean"] >= target_return:
+                        self.logger.log(self.step, {"target_return_reached": last_eval["return_mean"]}, kind="event")
+                        break
 
                 if ckpt_every > 0 and self.step // ckpt_every > prev_step // ckpt_every:
                     self.save()

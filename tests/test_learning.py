@@ -1,7 +1,9 @@
 """Learning tests: real thresholds on small envs with fixed seeds.
 
-The default suite trains one DQN seed on CartPole; `pytest -m slow` runs the issue's bar: DQN, Double
-DQN and Dueling DQN each reach a greedy evaluation mean >= 475 within 50k env steps for 3 seeds.
+The default suite trains one DQN seed on CartPole; `pytest -m slow` runs the issues' bars: DQN, Double
+DQN and Dueling DQN each reach a greedy evaluation mean >= 475 within 50k env steps for 3 seeds; Rainbow
+within 30k for 3 seeds; each Rainbow switch turned off still reaches 475. Training stops at the first
+evaluation >= 475 (``eval.target_return``).
 """
 import pytest
 from omegaconf import OmegaConf
@@ -13,7 +15,7 @@ from rlq.trainer import Trainer
 
 def train_cartpole(tmp_path, agent: str, seed: int, total: int = 50_000, extra: tuple[str, ...] = ()):
     overrides = [f"agent={agent}", f"seed={seed}", f"total_steps={total}", "eval.every=5000", "eval.episodes=10",
-                 "checkpoint.every=0", "log.progress=false", "log.tensorboard=false", *extra]
+                 "eval.target_return=475", "checkpoint.every=0", "log.progress=false", "log.tensorboard=false", *extra]
     cfg = build_config(_compose(overrides), overrides)
     trainer = Trainer(cfg, tmp_path / f"{agent}-{seed}")
     try:
@@ -47,5 +49,7 @@ def test_rainbow_solves_cartpole_within_30k(tmp_path, seed):
 @pytest.mark.parametrize("ablation", ["agent.double=false", "agent.dueling=false", "agent.noisy=false",
                                       "agent.distributional=false", "agent.prioritized=false", "agent.n_step=1"])
 def test_rainbow_ablations_still_learn_cartpole(tmp_path, ablation):
-    summary = train_cartpole(tmp_path, "rainbow", 0, total=50_000, extra=(ablation,))
+    # a 100k budget (training stops at the first eval >= 475): without the dueling head seed 0 needs
+    # ~40k steps; the PER beta schedule depends on total_steps, so the budget is part of the setting
+    summary = train_cartpole(tmp_path, "rainbow", 0, total=100_000, extra=(ablation, "eval.every=2500"))
     assert summary["best_eval"] >= 475, summary

@@ -152,3 +152,16 @@ def test_works_from_any_directory_and_gym_ids(cli, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     (run,) = run_dirs(sub)
     assert load_checkpoint(run)["config"]["env"]["name"] == "MountainCar-v0"
+
+
+def test_target_return_stops_training_early(tmp_path):
+    from rlq.train import _compose, build_config
+    from rlq.trainer import Trainer
+    ov = ["total_steps=5000", "agent.learning_starts=200", "eval.every=500", "eval.episodes=2",
+          "eval.target_return=1", "checkpoint.every=0", "log.progress=false", "log.tensorboard=false"]
+    tr = Trainer(build_config(_compose(ov), ov), tmp_path / "run")
+    summary = tr.train()
+    tr.close()
+    assert summary["step"] == 500 and summary["best_eval"] >= 1
+    assert [r["step"] for r in read_metrics(tmp_path / "run", "event")] == [500]
+    assert list_checkpoints(tmp_path / "run")  # the stopped run is saved (and resumable)
