@@ -27,6 +27,10 @@ Example::
     est = stats.interval_estimates(scores, reps=2000)
     print(stats.format_interval(*est["dqn"]["IQM"]))          # "0.51 [0.45, 0.58]"
     poi = stats.probability_of_improvement(scores["rainbow"], scores["dqn"])
+    curves = stats.curve_interval_estimates({"dqn": returns})  # (runs, tasks, points): IQM curve + band
+
+On one task (a single environment, the common case of ``experiments/aggregate.py``), :func:`median`
+is the mean over runs (it is a median *across tasks*); :func:`pooled_median` is the median of the runs.
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ __all__ = [
     "ATARI_HUMAN",
     "ATARI_RANDOM",
     "DEFAULT_AGGREGATES",
+    "curve_interval_estimates",
     "format_interval",
     "human_normalized",
     "interval_estimates",
@@ -49,6 +54,7 @@ __all__ = [
     "median",
     "optimality_gap",
     "performance_profile",
+    "pooled_median",
     "probability_of_improvement",
     "stratified_bootstrap",
 ]
@@ -116,6 +122,16 @@ def median(scores: np.ndarray | Sequence[float]) -> float | np.ndarray:
     "median" is its mean. Use ``np.median`` for the plain median of a set of values."""
     x = _as_matrix(scores)
     return _scalar_or_array(np.median(x.mean(axis=-2), axis=-1))
+
+
+@_vectorized
+def pooled_median(scores: np.ndarray | Sequence[float]) -> float | np.ndarray:
+    """Median of all runs x tasks pooled; on a single task, the median of the runs' scores.
+
+    The single-task counterpart of :func:`median` (which takes the median across task means and so is
+    the mean of the runs when there is one task)."""
+    x = _as_matrix(scores)
+    return _scalar_or_array(np.median(x.reshape(*x.shape[:-2], -1), axis=-1))
 
 
 @_vectorized
@@ -262,6 +278,57 @@ def interval_estimates(score_dict: Mapping[str, np.ndarray],
             boot = stratified_bootstrap(x, fn, reps=reps, seed=seed)
             low, high = _interval(point, boot, confidence, method)
             result[alg][name] = (point, float(low), float(high))
+    return result
+
+
+def curve_interval_estimates(score_dict: Mapping[str, np.ndarray], statistic: Statistic = iqm, reps: int = 2000,
+                             confidence: float = 0.95, seed: int | None = 0,
+                             ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Aggregate learning curves with pointwise stratified-bootstrap CIs (rliable's sample-efficiency
+    curves): at every point (e.g. an env step), ``statistic`` over the runs x tasks scores there.
+
+    Args:
+        score_dict: algorithm name -> ``(num_runs, num_tasks, num_points)`` scores at common points
+            (a 2-D ``(num_runs, num_points)`` array is one task). Curves are usually interpolated
+            onto common steps first.
+        statistic: an aggregate of a ``(num_runs, num_tasks)`` matrix (default :func:`iqm`); one of this
+            module's (vectorized) aggregates is evaluated for all points and replicates at once.
+        reps: bootstrap replicates (0: no CI, ``low == high == point``).
+        confidence: coverage of the pointwise two-sided percentile intervals.
+        seed: seed of the replicates. Each replicate draws one stratified resample of the runs and uses
+            it at every point, so the replicate curves are whole curves of resampled runs.
+
+    Returns:
+        ``{alg: (point, low, high)}``, each of shape ``(num_points,)``.
+    """
+    reps = _check_reps(reps, allow_zero=True)
+    vectorized = _is_vectorized(statistic)
+    result: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    for alg, scores in score_dict.items():
+        x = np.asarray(scores, dtype=np.float64)
+        if x.ndim == 2:
+            x = x[:, None, :]
+        if x.ndim != 3 or 0 in x.shape:
+            raise ValueError(f"curves of {alg!r} must be (num_runs, num_tasks, num_points) or (num_runs, "
+                             f"num_points) with no empty axis, got shape {np.shape(scores)}")
+        n, t, k = x.shape
+
+        def apply(batch: np.ndarray, n: int = n, t: int = t) -> np.ndarray:  # (..., n, t, k) -> (..., k)
+            moved = np.moveaxis(batch, -1, -3)  # (..., k, n, t)
+            if vectorized:
+                return np.asarray(statistic(moved), dtype=np.float64)
+            flat = moved.reshape(-1, n, t)
+            return np.asarray([statistic(m) for m in flat], dtype=np.float64).reshape(moved.shape[:-2])
+
+        point = apply(x)
+        if reps == 0:
+            result[alg] = (point, point.copy(), point.copy())
+            continue
+        rng = np.random.default_rng(seed)
+        cols = np.arange(t)
+        boot = np.concatenate([apply(x[idx, cols]) for idx in _index_chunks(rng, n, t, reps, width=k)])
+        low, high = _interval(point, boot, confidence, "percentile")
+        result[alg] = (point, low, high)
     return result
 
 
