@@ -193,7 +193,9 @@ def quantize_(module: nn.Module, config: QuantConfig | Any,
         if "first" in r and config.first_bits is not None:
             wbits, abits = config.first_bits, config.first_bits
         if "last" in r and config.last_bits is not None:
-            wbits, abits = config.last_bits, max(abits, config.last_bits) if "first" in r else config.last_bits
+            wbits = config.last_bits
+            if "first" not in r:  # a single-layer net keeps the first layer's input bits
+                abits = config.last_bits
         m.__class__ = cls
         m._init_quant(wbits, abits, **kw)
         if pixel_input and "first" in r:
