@@ -1,0 +1,171 @@
+"""rlq.export: torch policies -> low-bit policy files that the deploy runtime runs like the torch model."""
+import json
+import subprocess
+import sys
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from rlq.export import ExportError, network_graph, pack_int4
+from rlq.nets.distributional import CategoricalHead
+from rlq.nets.encoders import MLPEncoder, NatureCNN
+from rlq.nets.heads import DuelingHead, QHead, QNetwork
+from rlq.quant import QuantConfig, quantize_, set_quant_enabled
+
+deploy = pytest.importorskip("rlq.deploy")
+
+VEC = gym.spaces.Box(-5, 5, (6,), np.float32)
+IMG = gym.spaces.Box(0, 255, (4, 84, 84), np.uint8)
+
+
+def _quantized(net, x, cfg):
+    quantize_(net, cfg, x)
+    for _ in range(2):
+        net(x)  # observers see data
+    set_quant_enabled(net)
+    net(x)
+    return net.eval()
+
+
+def _roundtrip(tmp_path, net, space, x):
+    graph, tensors = network_graph(net, space)
+    path = tmp_path / "p.rlqp"
+    deploy.save_policy(path, graph, tensors)
+    policy = deploy.load_policy(path, backend="reference")
+    with torch.no_grad():
+        q_torch = net.q_values(torch.as_tensor(x)).numpy()
+    return policy, q_torch, path
+
+
+def test_pack_int4_layout():
+    codes = np.array([[-7, 7, 0], [1, -1, 3]], np.int8)
+    packed = pack_int4(codes)
+    assert packed.tolist() == [[(1 | (15 << 4)), 8 | (8 << 4)], [9 | (7 << 4), 11 | (8 << 4)]]
+
+
+@pytest.mark.parametrize("head", ["q", "dueling", "c51", "c51_dueling"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_mlp_policies_match_the_fake_quant_model(tmp_path, head, bits):
+    torch.manual_seed(0)
+    heads = {"q": QHead(64, 3, hidden=32), "dueling": DuelingHead(64, 3, hidden=32),
+             "c51": CategoricalHead(64, 3, 11, -5, 5, hidden=32),
+             "c51_dueling": CategoricalHead(64, 3, 11, -5, 5, dueling=True, hidden=32)}
+    net = QNetwork(MLPEncoder(6, (64, 64)), heads[head])
+    x = torch.randn(2000, 6) * 2
+    cfg = QuantConfig(name=f"w{bits}a8", weight_bits=bits, weight_mode="max" if bits == 8 else "lsq")
+    _quantized(net, x[:256], cfg)
+    policy, q_torch, _ = _roundtrip(tmp_path, net, VEC, x.numpy())
+    q = policy.q_values(x.numpy())
+    scale = float(np.abs(q_torch).max())
+    # the same quantized function; float rounding in another order can move a code by one step
+    assert np.isclose(q, q_torch, rtol=1e-4, atol=1e-4 * scale).all(1).mean() >= 0.99
+    np.testing.assert_allclose(q, q_torch, atol=0.03 * scale)
+    assert (policy.act(x.numpy()) == q_torch.argmax(1)).mean() >= 0.99
+
+
+def test_rainbow_cnn_policy_matches(tmp_path):
+    torch.manual_seed(0)
+    net = QNetwork(NatureCNN(4, 0), CategoricalHead(3136, 6, 51, -10, 10, dueling=True, hidden=64, noisy=True))
+    x = torch.randint(0, 256, (16, 4, 84, 84), dtype=torch.uint8)
+    _quantized(net, x, QuantConfig(name="w8a8"))
+    policy, q_torch, path = _roundtrip(tmp_path, net, IMG, x.numpy())
+    q = policy.q_values(x.numpy())
+    np.testing.assert_allclose(q, q_torch, atol=0.03 * float(np.abs(q_torch).max()))
+    graph, _ = deploy.read_policy(path)
+    assert [n["op"] for n in graph["nodes"]][-1] == "c51" and graph["preprocess"]["divide"] == 255.0
+
+
+def test_int4_file_is_smaller(tmp_path):
+    sizes = {}
+    for bits in (8, 4):
+        torch.manual_seed(0)
+        net = QNetwork(MLPEncoder(6, (256, 256)), QHead(256, 4))
+        x = torch.randn(256, 6)
+        _quantized(net, x, QuantConfig(name="w", weight_bits=bits, first_bits=None, last_bits=None))
+        graph, tensors = network_graph(net, VEC)
+        deploy.save_policy(tmp_path / f"{bits}.rlqp", graph, tensors)
+        sizes[bits] = (tmp_path / f"{bits}.rlqp").stat().st_size
+    fp32_bytes = 4 * (6 * 256 + 256 * 256 + 256 * 4)
+    assert sizes[4] < 0.6 * sizes[8] and sizes[4] < 0.16 * fp32_bytes, sizes
+
+
+def test_unquantized_network_is_rejected():
+    net = QNetwork(MLPEncoder(6, (8,)), QHead(8, 2))
+    with pytest.raises(ExportError, match="not quantized"):
+        network_graph(net, VEC)
+
+
+def _train(tmp_path, name, *extra):
+    from rlq.train import _compose, build_config
+    from rlq.trainer import Trainer
+    ov = ["agent=dqn", "total_steps=2000", "agent.learning_starts=500", "eval.every=0", "eval.final=false",
+          "checkpoint.every=0", "log.progress=false", "log.tensorboard=false", *extra]
+    cfg = build_config(_compose(ov), ov)
+    tr = Trainer(cfg, tmp_path / name)
+    tr.train()
+    tr.close()
+    return tr
+
+
+def test_exported_qat_policy_agrees_with_the_qat_model(tmp_path):
+    """The issue's bar: >= 99.9% of greedy actions equal on held-out observations."""
+    from rlq.checkpoint import load_agent
+    from rlq.export import export_agent
+    tr = _train(tmp_path, "qat", "quant=w8a8")
+    agent = load_agent(tmp_path / "qat")
+    calib = tmp_path / "calib.npy"
+    np.save(calib, tr.buffer.sample(2000).obs.numpy())
+    summary = export_agent(agent, tmp_path / "qat.rlqp", calib=str(calib))
+    assert summary["mode"] == "qat" and summary["agreement"] >= 0.999
+    held_out = np.random.default_rng(1).normal(0, 0.5, size=(20_000, 4)).astype(np.float32)
+    policy = deploy.load_policy(tmp_path / "qat.rlqp", backend="reference")
+    assert (policy.act(held_out) == agent.act(held_out, explore=False)).mean() >= 0.999
+    # played in the env by rlq.evaluate (compiled kernels), it returns what the QAT checkpoint returns
+    from rlq.evaluate import evaluate_checkpoint, evaluate_policy_file
+    backend = "cpu" if _have_kernels() else "reference"
+    by_policy = evaluate_policy_file(str(tmp_path / "qat.rlqp"), env="CartPole", episodes=6, seed=5, num_envs=3,
+                                     backend=backend)
+    by_model = evaluate_checkpoint(str(tmp_path / "qat"), episodes=6, seed=5, num_envs=3)
+    assert by_policy["backend"] == backend and by_policy["returns"] == by_model["returns"]
+
+
+def _have_kernels() -> bool:
+    try:
+        from rlq.deploy.cpu import load_library
+        load_library()
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def test_export_cli_ptq_from_a_float_run(tmp_path):
+    _train(tmp_path, "fp32", "checkpoint.save_replay=true")
+    out = tmp_path / "p4.rlqp"
+    r = subprocess.run([sys.executable, "-m", "rlq.export", f"checkpoint={tmp_path / 'fp32'}", "bits=4",
+                        f"out={out}"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["mode"] == "ptq" and summary["weight_bits"] == [4, 8] and summary["agreement"] > 0.9
+    graph, _ = deploy.read_policy(out)
+    assert graph["meta"]["agent"] == "dqn" and graph["observation"] == {"shape": [4], "dtype": "float32"}
+    # the file names its env: `python -m rlq.evaluate policy=<file>` plays it with no other argument
+    r = subprocess.run([sys.executable, "-m", "rlq.evaluate", f"policy={out}", "episodes=2", "json=true"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    res = res["runs"][0] if "runs" in res else res
+    assert res["env"] == "CartPole" and len(res["returns"]) == 2 and min(res["returns"]) >= 1
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["out=x.rlqp"], "checkpoint= is required"),
+    (["checkpoint=x"], "out= is required"),
+    (["checkpoint=x", "out=y", "bits=3"], "bits=3"),
+    (["checkpoint=x", "out=y", "calib_method=best"], "calib_method='best'"),
+    (["checkpoint=x", "out=y", "frobnicate=1"], "unknown argument 'frobnicate'"),
+])
+def test_export_cli_errors(args, msg):
+    r = subprocess.run([sys.executable, "-m", "rlq.export", *args], capture_output=True, text=True)
+    assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
