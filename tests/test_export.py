@@ -39,6 +39,23 @@ def _roundtrip(tmp_path, net, space, x):
     return policy, q_torch, path
 
 
+def _assert_backends_bit_exact(path, obs):
+    """Every backend (cpu on each ISA path, the AVX-512 VNNI one emulated when the CPU lacks it) gives the
+    reference's outputs bit for bit on a real exported network."""
+    if not _have_kernels():
+        pytest.skip("no C compiler")
+    from rlq.deploy.cpu import CpuPolicy, available_isas, load_library
+    graph, tensors = deploy.read_policy(path)
+    want = deploy.load_policy(path, backend="reference").q_values(obs)
+    lib, emu = load_library(), load_library(defines=("RLQ_VNNI_EMULATE",))
+    paths = [(isa, lib) for isa in available_isas(lib)]
+    if "avx512vnni" not in available_isas(lib):
+        paths.append(("avx512vnni", emu))
+    for isa, library in paths:
+        got = CpuPolicy(graph, tensors, isa=isa, library=library).q_values(obs)
+        np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32), err_msg=isa)
+
+
 def test_pack_int4_layout():
     codes = np.array([[-7, 7, 0], [1, -1, 3]], np.int8)
     packed = pack_int4(codes)
@@ -63,18 +80,23 @@ def test_mlp_policies_match_the_fake_quant_model(tmp_path, head, bits):
     assert np.isclose(q, q_torch, rtol=1e-4, atol=1e-4 * scale).all(1).mean() >= 0.99
     np.testing.assert_allclose(q, q_torch, atol=0.03 * scale)
     assert (policy.act(x.numpy()) == q_torch.argmax(1)).mean() >= 0.99
+    _assert_backends_bit_exact(tmp_path / "p.rlqp", x.numpy()[:300])
 
 
-def test_rainbow_cnn_policy_matches(tmp_path):
+@pytest.mark.parametrize("bits", [8, 4])
+def test_rainbow_cnn_policy_matches(tmp_path, bits):
+    """A Pong-sized Rainbow network (Nature CNN, noisy dueling C51 head), 8-bit and 4-bit (int4-packed)."""
     torch.manual_seed(0)
     net = QNetwork(NatureCNN(4, 0), CategoricalHead(3136, 6, 51, -10, 10, dueling=True, hidden=64, noisy=True))
     x = torch.randint(0, 256, (16, 4, 84, 84), dtype=torch.uint8)
-    _quantized(net, x, QuantConfig(name="w8a8"))
+    _quantized(net, x, QuantConfig(name=f"w{bits}a8", weight_bits=bits, first_bits=None, last_bits=None))
     policy, q_torch, path = _roundtrip(tmp_path, net, IMG, x.numpy())
     q = policy.q_values(x.numpy())
     np.testing.assert_allclose(q, q_torch, atol=0.03 * float(np.abs(q_torch).max()))
     graph, _ = deploy.read_policy(path)
     assert [n["op"] for n in graph["nodes"]][-1] == "c51" and graph["preprocess"]["divide"] == 255.0
+    assert {n.get("weight_format") for n in graph["nodes"]} >= {"int4" if bits == 4 else "int8"}
+    _assert_backends_bit_exact(path, x.numpy()[:4])
 
 
 def test_int4_file_is_smaller(tmp_path):
@@ -129,6 +151,7 @@ def test_exported_qat_policy_agrees_with_the_qat_model(tmp_path):
                                      backend=backend)
     by_model = evaluate_checkpoint(str(tmp_path / "qat"), episodes=6, seed=5, num_envs=3)
     assert by_policy["backend"] == backend and by_policy["returns"] == by_model["returns"]
+    _assert_backends_bit_exact(tmp_path / "qat.rlqp", held_out[:2000])
 
 
 def _have_kernels() -> bool:
@@ -150,6 +173,7 @@ def test_export_cli_ptq_from_a_float_run(tmp_path):
     assert summary["mode"] == "ptq" and summary["weight_bits"] == [4, 8] and summary["agreement"] > 0.9
     graph, _ = deploy.read_policy(out)
     assert graph["meta"]["agent"] == "dqn" and graph["observation"] == {"shape": [4], "dtype": "float32"}
+    _assert_backends_bit_exact(out, np.random.default_rng(2).normal(0, 0.5, size=(2000, 4)).astype(np.float32))
     # the file names its env: `python -m rlq.evaluate policy=<file>` plays it with no other argument
     r = subprocess.run([sys.executable, "-m", "rlq.evaluate", f"policy={out}", "episodes=2", "json=true"],
                        capture_output=True, text=True)
