@@ -8,6 +8,7 @@ envs (``total_steps``, ``eval.every``, ``checkpoint.every``, ``learning_starts``
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import signal
 import sys
@@ -85,6 +86,12 @@ class Trainer:
         self.best_eval = -math.inf
         self.recent_returns: deque[float] = deque(maxlen=20)
         self._stop_reason: str | None = None
+        # exact resume (checkpoint.save_replay): the env's state is its first reset's seed plus every action
+        # since; a resume replays them (envs are deterministic given both), so nothing unpicklable is saved
+        self.env_seed = seed
+        self._actions = _Growing()
+        self._env_replay: dict[str, Any] | None = None
+        self._obs: np.ndarray | None = None
         if resume_from is not None:
             self._restore(resume_from)
         self.logger: RunLogger | None = None  # created by train(): building a Trainer writes nothing
@@ -103,6 +110,8 @@ class Trainer:
         }
         if self.cfg.checkpoint.save_replay:
             state["replay"] = self.buffer.state_dict()
+            state["env"] = {"reset_seed": self.env_seed, "actions": torch.from_numpy(self._action_history()),
+                            "obs_sha256": _sha(self._obs)}
         return state
 
     def save(self) -> Path:
@@ -110,6 +119,15 @@ class Trainer:
         if self.logger is not None:
             self.logger.flush()
         return path
+
+    def _action_history(self) -> np.ndarray:
+        """Every action since the env's first reset, (vector steps, num_envs, *action shape), compact dtype."""
+        space = self.env.single_action_space
+        dtype = np.float32 if space.shape else (np.uint8 if int(space.n) <= 256 else np.int64)
+        hist = self._actions.view()
+        if hist is None:
+            return np.zeros((0, self.num_envs, *space.shape), dtype)
+        return hist.astype(dtype)
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
         self.agent.load_state_dict(ckpt["agent"])
@@ -121,6 +139,29 @@ class Trainer:
         _set_np_global_state(ckpt["rng"]["numpy"])
         if "replay" in ckpt:
             self.buffer.load_state_dict(ckpt["replay"])
+            if "env" in ckpt and ckpt["env"]["actions"].shape[1:2] == (self.num_envs,):
+                self._env_replay = ckpt["env"]
+
+    def _replay_env(self) -> np.ndarray:
+        """Bring the env to its checkpointed state: reset with the saved seed, step the saved actions."""
+        r = self._env_replay
+        self._env_replay = None
+        actions = r["actions"].numpy()
+        space = self.env.single_action_space
+        cast = np.float32 if space.shape else np.int64
+        self.env_seed = int(r["reset_seed"])
+        obs, _ = self.env.reset(seed=self.env_seed)
+        for a in actions:
+            obs = self.env.step(a.astype(cast))[0]
+        self._actions = _Growing()
+        self._actions.extend(actions.astype(cast))
+        if not r.get("obs_sha256") or _sha(obs) == r["obs_sha256"]:
+            self.buffer.continue_stream()  # the transitions go on from the saved last row
+        else:
+            print(f"warning: replaying {len(actions)} recorded env steps did not reproduce the checkpoint's "
+                  f"observation (env {self.cfg.env.name} is not deterministic); the run continues from the "
+                  "replayed state, so it is not an exact resume", file=sys.stderr)
+        return obs
 
     # -- evaluation ---------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
@@ -158,7 +199,14 @@ class Trainer:
 
         # QAT switches on at quant.start_step (online and target networks together)
         quant_start = self.agent.quant.start_at(total) if self.agent.quant.enabled else None
-        obs, _ = self.env.reset(seed=int(cfg.seed) + self.step)  # a resumed run starts fresh episodes
+        if self._env_replay is not None:  # exact resume: the env as it was at the checkpoint
+            obs = self._replay_env()
+        else:  # a fresh run, or a resume without replay: fresh episodes
+            self.env_seed = int(cfg.seed) + self.step
+            self._actions = _Growing()
+            obs, _ = self.env.reset(seed=self.env_seed)
+        record_actions = bool(cfg.checkpoint.save_replay)
+        self._obs = obs
         t0, step0, upd0 = time.perf_counter(), self.step, self.updates
         t_log, step_log, upd_log = t0, self.step, self.updates
         last_metrics: dict[str, float] = {}
@@ -173,11 +221,13 @@ class Trainer:
                 self.agent.set_step(self.step)
                 actions = self.agent.act(obs, explore=True)
                 next_obs, reward, terminated, truncated, info = self.env.step(actions)
+                if record_actions:
+                    self._actions.extend(np.asarray(actions)[None])
                 learn_reward = np.clip(reward, -1.0, 1.0) if clip else reward
                 learn_term = terminated | info["life_loss"] if "life_loss" in info else terminated
                 self.buffer.add(obs, actions, learn_reward, learn_term, truncated, next_obs,
                                 episode_end=terminated | truncated)
-                obs = next_obs
+                obs = self._obs = next_obs
                 prev_step = self.step
                 self.step += n
                 self.vector_steps += 1
@@ -259,6 +309,31 @@ class Trainer:
         self.env.close()
         if self._eval_env is not None:
             self._eval_env.close()
+
+
+class _Growing:
+    """An append-only array along axis 0 with amortised O(1) appends."""
+
+    def __init__(self):
+        self._buf: np.ndarray | None = None
+        self._n = 0
+
+    def extend(self, rows: np.ndarray) -> None:
+        if self._buf is None:
+            self._buf = np.empty((max(1024, 2 * len(rows)), *rows.shape[1:]), rows.dtype)
+        elif self._n + len(rows) > len(self._buf):
+            grown = np.empty((max(2 * len(self._buf), self._n + len(rows)), *self._buf.shape[1:]), self._buf.dtype)
+            grown[:self._n] = self._buf[:self._n]
+            self._buf = grown
+        self._buf[self._n:self._n + len(rows)] = rows
+        self._n += len(rows)
+
+    def view(self) -> np.ndarray | None:
+        return None if self._buf is None else self._buf[:self._n]
+
+
+def _sha(obs: np.ndarray | None) -> str:
+    return "" if obs is None else hashlib.sha256(np.ascontiguousarray(obs).tobytes()).hexdigest()
 
 
 def _np_global_state() -> dict[str, Any]:

@@ -176,6 +176,12 @@ class ReplayBuffer:
         written.append(self._write_row(next_obs, action, reward, terminated, episode_end, reset))
         self.sampler.on_add(np.concatenate(written))
 
+    def continue_stream(self) -> None:
+        """After :meth:`load_state_dict`: the envs continue exactly where the saved stream was cut (an exact
+        resume replayed them to that state), so the next :meth:`add` follows the last row with no pseudo-row."""
+        if self._t > 0:
+            self._needs_pseudo = False
+
     def _write_row(self, next_obs: np.ndarray, action: np.ndarray, reward: np.ndarray, terminated: np.ndarray,
                    episode_end: np.ndarray, reset: np.ndarray) -> np.ndarray:
         row = self._t % self._rows
