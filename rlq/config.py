@@ -111,6 +111,8 @@ def validate(cfg: DictConfig) -> None:
     _num(cfg, "env.eval_epsilon", float, 0, 1)
     if cfg.eval.get("target_return") is not None:
         _num(cfg, "eval.target_return", float, None, None)
+    if cfg.get("nonfinite", "stop") not in ("stop", "skip"):
+        raise ConfigError(f"nonfinite={cfg.nonfinite!r} is not a choice: use stop or skip")
     if cfg.device not in ("cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
         raise ConfigError(f"device={cfg.device!r} is not a device: use cpu or cuda[:N]")
     a = cfg.agent

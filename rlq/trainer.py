@@ -83,6 +83,7 @@ class Trainer:
         self.vector_steps = 0
         self.updates = 0
         self.episodes = 0
+        self.skipped_updates = 0  # batches dropped for a non-finite loss (nonfinite=skip)
         self.best_eval = -math.inf
         self.recent_returns: deque[float] = deque(maxlen=20)
         self._stop_reason: str | None = None
@@ -191,6 +192,7 @@ class Trainer:
         gradient_steps, batch_size = int(a.gradient_steps), int(a.batch_size)
         eval_every, ckpt_every, log_every = int(cfg.eval.every), int(cfg.checkpoint.every), int(cfg.log.every)
         clip = bool(cfg.env.clip_rewards)
+        skip_nonfinite = cfg.get("nonfinite", "stop") == "skip"
         target = cfg.eval.get("target_return")
         target_return = None if target is None else float(target)
         self.logger = RunLogger(self.run_dir, tensorboard=bool(cfg.log.tensorboard))
@@ -250,12 +252,18 @@ class Trainer:
                         self.agent.on_update_round(self.updates)
                         if out.priorities is not None:
                             self.buffer.update_priorities(batch.idx.numpy(), out.priorities)
-                        last_metrics = out.metrics
                         loss = out.metrics.get("loss")
-                        if loss is not None and not math.isfinite(loss):
+                        if loss is not None and not math.isfinite(loss):  # the agent applied nothing
+                            if skip_nonfinite:
+                                self.skipped_updates += 1
+                                self.logger.log(self.step, {"nonfinite_loss_skipped": float(self.skipped_updates)},
+                                                kind="event")
+                                continue
                             raise TrainingStopped(
-                                f"non-finite loss ({loss}) at step {self.step}: training diverged; the last "
-                                f"good checkpoint in {self.run_dir / 'checkpoints'} is kept (lower agent.lr?)")
+                                f"non-finite loss or gradient ({loss}) at step {self.step}: training diverged; the "
+                                f"last good checkpoint in {self.run_dir / 'checkpoints'} is kept (lower agent.lr, or "
+                                f"nonfinite=skip to drop such batches)")
+                        last_metrics = out.metrics
 
                 if self.step // log_every > prev_step // log_every or self.step >= total:
                     now = time.perf_counter()

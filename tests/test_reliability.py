@@ -80,3 +80,63 @@ def _assert_same(a, b, path="agent"):
         assert math.isnan(b), path
     else:
         assert a == b, path
+
+
+# -- numerical faults ------------------------------------------------------------------------------------------
+def _poison_batches(trainer: Trainer, from_update: int, every: int = 1) -> None:
+    """From the ``from_update``-th sampled batch on, every ``every``-th batch has a NaN reward."""
+    sample = trainer.buffer.sample
+    count = [0]
+
+    def poisoned(n):
+        batch = sample(n)
+        count[0] += 1
+        if count[0] >= from_update and (count[0] - from_update) % every == 0:
+            batch.reward[0] = float("nan")
+        return batch
+    trainer.buffer.sample = poisoned
+
+
+@pytest.mark.parametrize("agent", ["dqn", "rainbow"])
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, agent):
+    cfg = _config(f"agent={agent}", "checkpoint.every=500", "checkpoint.save_replay=false")
+    tr = Trainer(cfg, tmp_path / "run")
+    _poison_batches(tr, from_update=300)
+    with pytest.raises(TrainingStopped, match=r"non-finite loss or gradient \(nan\) at step \d+: training diverged; "
+                                              r"the last good checkpoint in .* is kept") as e:
+        tr.train()
+    tr.close()
+    stop = int(str(e.value).split(" at step ")[1].split(":")[0])
+    ckpts = list_checkpoints(tmp_path / "run")
+    assert ckpts and all(int(p.stem.split("_")[1]) < stop for p in ckpts)  # nothing written after the fault
+    assert stop // 500 * 500 == int(ckpts[-1].stem.split("_")[1])
+    for name, t in load_checkpoint(ckpts[-1])["agent"]["online"].items():
+        assert torch.isfinite(t).all(), name
+    for name, t in tr.agent.online.state_dict().items():  # the bad update was never applied
+        assert torch.isfinite(t).all(), name
+
+
+def test_nonfinite_skip_drops_bad_batches_and_finishes(tmp_path):
+    cfg = _config("agent=rainbow", "nonfinite=skip", "eval.every=0")
+    tr = Trainer(cfg, tmp_path / "run")
+    _poison_batches(tr, from_update=10, every=7)
+    summary = tr.train()
+    tr.close()
+    assert summary["step"] == 2400 and tr.skipped_updates == len(range(10, tr.updates + 1, 7)) > 50
+    assert all(torch.isfinite(t).all() for t in tr.agent.online.state_dict().values())
+    events = [r for r in read_metrics(tmp_path / "run", "event") if "nonfinite_loss_skipped" in r]
+    assert len(events) == tr.skipped_updates
+
+
+def test_nonfinite_gradient_is_not_applied():
+    """A finite loss whose gradient is inf/NaN (an overflowing backward) changes nothing either."""
+    from rlq.agents import make_agent
+    import gymnasium as gym
+    cfg = _config("agent=dqn")
+    agent = make_agent(cfg.agent, gym.spaces.Box(-1, 1, (4,), np.float32), gym.spaces.Discrete(2))
+    before = {k: v.clone() for k, v in agent.online.state_dict().items()}
+    w = agent.online.encoder.net[0].weight
+    loss = (w * torch.tensor(float("inf"))).sum() * 0 + 1.0  # finite value, NaN gradient
+    assert math.isnan(agent.optimizer_step(loss, agent.optimizer, agent._params))
+    assert all(torch.equal(before[k], v) for k, v in agent.online.state_dict().items())
+    assert not agent.optimizer.state  # Adam's moments were not created either

@@ -5,6 +5,7 @@ batches, and tells it the current exploration rate through ``act(..., explore=Tr
 """
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -77,6 +78,24 @@ class Agent(ABC):
         """Switch fake quantization on in every network given to :meth:`quantize` (idempotent)."""
         for net in self._quant_nets:
             set_quant_enabled(net, True)
+
+    def optimizer_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
+                       max_grad_norm: float = 0.0) -> float:
+        """``backward`` + gradient clipping (``max_grad_norm > 0``) + ``optimizer.step()``, except when the
+        loss or the gradient norm is NaN/inf: then the parameters and optimizer state stay untouched and
+        the returned loss is non-finite (the trainer stops, or skips the batch with ``nonfinite=skip``).
+        Returns the loss as a float."""
+        optimizer.zero_grad(set_to_none=True)
+        value = loss.item()
+        if not math.isfinite(value):
+            return value
+        loss.backward()
+        norm = nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf, foreach=True)
+        if not torch.isfinite(norm):
+            optimizer.zero_grad(set_to_none=True)
+            return math.nan
+        optimizer.step()
+        return value
 
     @abstractmethod
     def act(self, obs: np.ndarray, explore: bool) -> np.ndarray:

@@ -50,6 +50,8 @@ n-step returns come from the replay buffer (``n_step``), whose batches carry the
 """
 from __future__ import annotations
 
+import math
+from contextlib import nullcontext
 from typing import Any
 
 import gymnasium as gym
@@ -57,8 +59,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from contextlib import nullcontext
 
 from rlq.agents.base import Agent, UpdateOut, register
 from rlq.nets import DuelingHead, QHead, QNetwork, make_encoder
@@ -105,6 +105,7 @@ class DQNAgent(Agent):
         # (6.9M parameters, noisy dueling heads) an update takes 125 ms instead of 173 ms at 1 thread
         self.optimizer = torch.optim.Adam(self.online.parameters(), lr=float(cfg.lr), eps=float(cfg.adam_eps),
                                           fused=self.device.type in ("cpu", "cuda"))
+        self._params = list(self.online.parameters())
         self.rng = np.random.default_rng(self.seed)
         self.step = 0
         self.updates = 0
@@ -203,15 +204,13 @@ class DQNAgent(Agent):
             target = self.td_target(batch)
             loss = (batch.weights * F.smooth_l1_loss(q, target, reduction="none")).mean()
             priority = (target - q).detach().abs()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.max_grad_norm > 0:
-            nn.utils.clip_grad_norm_(self.online.parameters(), self.max_grad_norm, foreach=True)
-        self.optimizer.step()
+        value = self.optimizer_step(loss, self.optimizer, self._params, self.max_grad_norm)
+        if not math.isfinite(value):  # nothing was applied: the trainer stops or skips this batch
+            return UpdateOut(metrics={"loss": value})
         self.updates += 1
         self._update_target()
         return UpdateOut(
-            metrics={"loss": loss.item(), "q_mean": q.detach().mean().item(), "priority": priority.mean().item()},
+            metrics={"loss": value, "q_mean": q.detach().mean().item(), "priority": priority.mean().item()},
             priorities=priority.cpu().numpy(),
         )
 

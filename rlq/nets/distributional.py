@@ -136,8 +136,11 @@ def categorical_projection(next_probs: torch.Tensor, reward: torch.Tensor, disco
     dz = (v_max - v_min) / (atoms - 1)
     tz = (r + d * z.unsqueeze(0)).clamp(v_min, v_max).expand_as(p)
     b = ((tz - v_min) / dz).clamp(0, atoms - 1)  # clamp guards against rounding just past the edges
-    lower = b.floor()
-    upper = b.ceil()
+    # a NaN target (a NaN reward) must give a NaN loss, not an out-of-range index: indices from NaN-free
+    # positions, weights from the real ones (NaN where the target is NaN)
+    safe = torch.nan_to_num(b, nan=0.0)
+    lower = safe.floor()
+    upper = safe.ceil()
     w_upper = b - lower
     w_lower = 1.0 - w_upper
     out = torch.zeros_like(p)
