@@ -130,8 +130,9 @@ def test_nonfinite_skip_drops_bad_batches_and_finishes(tmp_path):
 
 def test_nonfinite_gradient_is_not_applied():
     """A finite loss whose gradient is inf/NaN (an overflowing backward) changes nothing either."""
-    from rlq.agents import make_agent
     import gymnasium as gym
+
+    from rlq.agents import make_agent
     cfg = _config("agent=dqn")
     agent = make_agent(cfg.agent, gym.spaces.Box(-1, 1, (4,), np.float32), gym.spaces.Discrete(2))
     before = {k: v.clone() for k, v in agent.online.state_dict().items()}

@@ -41,8 +41,19 @@ import numpy as np
 from .format import node_shapes, weight_codes
 from .reference import Policy, quantize_input
 
-__all__ = ["CpuPolicy", "KernelBuildError", "UnsupportedISAError", "ISAS", "load_library", "available_isas",
-           "select_isa", "cache_dir", "compiler", "FLAGS", "SOURCE"]
+__all__ = [
+    "FLAGS",
+    "ISAS",
+    "SOURCE",
+    "CpuPolicy",
+    "KernelBuildError",
+    "UnsupportedISAError",
+    "available_isas",
+    "cache_dir",
+    "compiler",
+    "load_library",
+    "select_isa",
+]
 
 SOURCE = Path(__file__).with_name("kernel.c")
 FLAGS = ("-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math", "-std=gnu11")
@@ -393,7 +404,6 @@ class Plan:
         float_req.add(self.out_name)
         code_buf: dict[tuple[str, tuple, str], _Region] = {}
         float_buf: dict[str, _Region] = {}   # logical float views, by tensor name (flatten names included)
-        phys_float: dict[str, _Region] = {}  # a GEMM's own float output (NHWC for convs)
 
         def code_region(base: str, spec: tuple, layout: str) -> _Region:
             size = int(np.prod(self.shapes[base]))
