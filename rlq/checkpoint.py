@@ -99,6 +99,11 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, payload: dict[str, An
     """Write ``checkpoints/step_<step>.pt`` atomically and keep the ``keep`` newest."""
     path = checkpoint_dir(run_dir) / f"step_{step:010d}.pt"
     atomic_save({"format": FORMAT, "version": VERSION, **payload}, path)
+    for stale in path.parent.glob(".step_*.tmp"):  # left by a process killed mid-write (one writer per run)
+        try:
+            stale.unlink()
+        except OSError:
+            pass
     if keep > 0:
         for old in list_checkpoints(run_dir)[:-keep]:
             try:

@@ -56,10 +56,15 @@ def _fmt(v: Any) -> str:
 class RunLogger:
     """Writes scalars to ``<run_dir>/metrics.jsonl`` and TensorBoard (``<run_dir>/tb``)."""
 
-    def __init__(self, run_dir: str | os.PathLike, tensorboard: bool = True):
+    def __init__(self, run_dir: str | os.PathLike, tensorboard: bool = True, resume_step: int | None = None):
+        """``resume_step``: the run continues from its checkpoint at this step, so records after it (written
+        by the interrupted process, past its last checkpoint) and a torn last line are dropped first."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1, encoding="utf-8")
+        path = self.run_dir / "metrics.jsonl"
+        if resume_step is not None and path.exists():
+            _truncate_metrics(path, resume_step)
+        self._jsonl = open(path, "a", buffering=1, encoding="utf-8")
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -84,6 +89,21 @@ class RunLogger:
         self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the whole records with ``step <= step`` (atomically: a temporary file renamed over ``path``)."""
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and int(rec.get("step", 0)) <= step:
+            keep.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def read_metrics(run_dir: str | os.PathLike, kind: str | None = None) -> list[dict[str, Any]]:

@@ -93,6 +93,7 @@ class Trainer:
         self._actions = _Growing()
         self._env_replay: dict[str, Any] | None = None
         self._obs: np.ndarray | None = None
+        self.resumed = resume_from is not None
         if resume_from is not None:
             self._restore(resume_from)
         self.logger: RunLogger | None = None  # created by train(): building a Trainer writes nothing
@@ -195,7 +196,8 @@ class Trainer:
         skip_nonfinite = cfg.get("nonfinite", "stop") == "skip"
         target = cfg.eval.get("target_return")
         target_return = None if target is None else float(target)
-        self.logger = RunLogger(self.run_dir, tensorboard=bool(cfg.log.tensorboard))
+        self.logger = RunLogger(self.run_dir, tensorboard=bool(cfg.log.tensorboard),
+                                resume_step=self.step if self.resumed else None)
         self.progress = ProgressLine(total, enabled=bool(cfg.log.progress))
         old_handlers = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
 
