@@ -134,6 +134,25 @@ def validate(cfg: DictConfig) -> None:
             _num(cfg, f"agent.{key}", float, 0, 1)
     if "target_update_period" in a:
         _num(cfg, "agent.target_update_period", int, 1)
+    for key, kind, lo, hi, lo_open in (("per_alpha", float, 0, None, False), ("per_beta0", float, 0, 1, False),
+                                       ("per_eps", float, 0, None, True), ("atoms", int, 2, None, False),
+                                       ("sigma0", float, 0, None, False), ("adam_eps", float, 0, None, True),
+                                       ("max_grad_norm", float, 0, None, False), ("eps_decay_steps", int, 0, None, False),
+                                       ("head_hidden", int, 0, None, False), ("cnn_features", int, 0, None, False)):
+        if key in a:
+            _num(cfg, f"agent.{key}", kind, lo, hi, lo_open=lo_open)
+    if "v_min" in a and "v_max" in a:
+        _num(cfg, "agent.v_min", float)
+        _num(cfg, "agent.v_max", float)
+        if not a.v_max > a.v_min:
+            raise ConfigError(f"agent.v_max={a.v_max} must be greater than agent.v_min={a.v_min} (the C51 support)")
+    if "hidden" in a and not (OmegaConf.is_list(a.hidden) and all(isinstance(h, int) and not isinstance(h, bool)
+                                                                   and h >= 1 for h in a.hidden)):
+        raise ConfigError(f"agent.hidden={a.hidden} must be a list of positive layer widths, e.g. [256, 256]")
+    for key, lo, hi in (("frame_skip", 1, None), ("frame_stack", 1, None), ("noop_max", 0, None),
+                        ("sticky_actions", 0, 1)):
+        if key in cfg.env:
+            _num(cfg, f"env.{key}", float if key == "sticky_actions" else int, lo, hi)
     if "encoder" in a and a.encoder not in ("auto", "cnn", "mlp"):
         raise ConfigError(f"agent.encoder={a.encoder!r} is not an encoder: choose one of auto, cnn, mlp")
     from rlq.quant.api import QuantConfig
