@@ -120,8 +120,9 @@ _LIBS_LOCK = threading.Lock()
 
 
 def load_library(source: str | os.PathLike | None = None, defines: tuple[str, ...] = (),
-                 directory: str | os.PathLike | None = None) -> ctypes.CDLL:
-    """Compile (once per source/compiler/flags hash) and load the kernel library."""
+                 directory: str | os.PathLike | None = None, flags: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """Compile (once per source/compiler/flags hash) and load the kernel library. ``defines`` and ``flags``
+    make test builds (``RLQ_VNNI_EMULATE``; ``-fsanitize=address``)."""
     src = Path(source) if source is not None else SOURCE
     if platform.machine().lower() not in ("x86_64", "amd64"):
         raise KernelBuildError(f"the rlq CPU kernels need an x86-64 CPU, this one is {platform.machine()}")
@@ -132,7 +133,7 @@ def load_library(source: str | os.PathLike | None = None, defines: tuple[str, ..
         code = src.read_bytes()
     except OSError as e:
         raise KernelBuildError(f"cannot read the kernel source {src}: {e.strerror}") from None
-    flags = list(FLAGS) + [f"-D{d}" for d in defines]
+    flags = list(FLAGS) + list(flags) + [f"-D{d}" for d in defines]
     key = hashlib.sha256(b"\0".join([code, cc.encode(), " ".join(flags).encode(), platform.machine().encode(),
                                      str(ABI).encode()])).hexdigest()[:24]
     out_dir = Path(directory) if directory is not None else cache_dir()

@@ -362,7 +362,7 @@ def validate(graph: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
         if name == "obs" or name in shapes:
             raise PolicyFormatError(f"graph: node name {name!r} is {'reserved' if name == 'obs' else 'used twice'}")
         op = node.get("op")
-        if op not in FIELDS:
+        if not isinstance(op, str) or op not in FIELDS:
             raise PolicyFormatError(f"node {name!r}: unknown op {json.dumps(op)} (allowed: {', '.join(OPS)})")
         allowed = ("name", "op", "inputs") + FIELDS[op]
         for key in node:
@@ -389,7 +389,7 @@ def validate(graph: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
 
     outputs = graph["outputs"]
     act = graph["act"]
-    if act not in OUTPUT_KEYS:
+    if not isinstance(act, str) or act not in OUTPUT_KEYS:
         raise PolicyFormatError(f"graph: act {json.dumps(act)} is not supported (allowed: argmax, identity)")
     want = OUTPUT_KEYS[act]
     if not isinstance(outputs, dict) or list(outputs) != [want]:

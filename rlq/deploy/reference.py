@@ -16,7 +16,8 @@ import numpy as np
 
 def quantize_input(x: np.ndarray, scale: np.float32, zero_point: int, bits: int) -> np.ndarray:
     """float32 activations -> integer codes (int32 array) in [0, 2^bits - 1] (a NaN gives 0)."""
-    q = np.rint(np.asarray(x, np.float32) / np.float32(scale)) + np.float32(zero_point)
+    with np.errstate(over="ignore", invalid="ignore"):  # huge x / tiny scales clamp to the end codes
+        q = np.rint(np.asarray(x, np.float32) / np.float32(scale)) + np.float32(zero_point)
     # clamp; fmax maps a NaN (a NaN observation) to code 0, as every backend does
     return np.minimum(np.fmax(q, np.float32(0)), np.float32(2 ** bits - 1)).astype(np.int32)
 
