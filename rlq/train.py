@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -303,9 +304,29 @@ def preflight(overrides: list[str]) -> DictConfig:
     _check_group_choices(overrides)
     parsed = _parse_overrides([o for o in overrides if "=" in o])
     if parsed.get("resume") not in (None, "null"):
-        return resume_config(str(parsed["resume"]), [o for o in overrides if not o.startswith("hydra")])
+        cfg = resume_config(str(parsed["resume"]), [o for o in overrides if not o.startswith("hydra")])
+        _check_writable(Path(str(parsed["resume"])), "resume")
+        return cfg
     cfg, _ = _compose_checked(overrides)
-    return build_config(cfg, overrides)
+    cfg = build_config(cfg, overrides)
+    _check_writable(Path(str(cfg.run_dir)) if cfg.get("run_dir") else Path("runs"), "run_dir")
+    return cfg
+
+
+def _check_writable(target: Path, key: str) -> None:
+    """The run directory can be created and written (its nearest existing ancestor takes a file)."""
+    probe = target.absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        if not probe.is_dir():
+            raise NotADirectoryError(20, "not a directory")
+        fd, tmp = tempfile.mkstemp(prefix=".rlq-write-test-", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise ConfigError(f"{key}={target}: cannot write there ({probe}: {e.strerror or e}); choose a writable "
+                          "directory") from None
 
 
 def sweep_jobs(overrides: list[str], sweeper_params: dict[str, Any] | None = None) -> list[list[str]]:

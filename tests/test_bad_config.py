@@ -78,6 +78,9 @@ CASES = [  # (arguments, text the one error line must contain)
     (["agent=dueling_dqn", "env=Pendulum"], "agent 'dueling_dqn' needs a discrete action space, got Box("),
     (["agent=rainbow", "env=MountainCarContinuous"], "agent 'rainbow' needs a discrete action space"),
     (["resume=does/not/exist"], "resume='does/not/exist' is not an rlq run directory (no config.yaml)"),
+    # places that cannot be written
+    (["run_dir=/proc/rlq-test-run"], "run_dir=/proc/rlq-test-run: cannot write there (/proc"),
+    (["run_dir=/dev/null/run"], "run_dir=/dev/null/run: cannot write there (/dev/null: not a directory)"),
 ]
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -141,3 +142,65 @@ def test_nonfinite_gradient_is_not_applied():
     assert math.isnan(agent.optimizer_step(loss, agent.optimizer, agent._params))
     assert all(torch.equal(before[k], v) for k, v in agent.online.state_dict().items())
     assert not agent.optimizer.state  # Adam's moments were not created either
+
+
+# -- disk full -------------------------------------------------------------------------------------------------------
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """A write that fails half-way (ENOSPC) leaves the previous checkpoint intact, no temporary file behind,
+    and stops the run with a message that says so; the run resumes from that checkpoint."""
+    import errno
+
+    from rlq.checkpoint import CheckpointError
+    cfg = _config("checkpoint.every=500", "eval.every=0")
+    tr = Trainer(cfg, tmp_path / "run")
+    real_save = torch.save
+    calls = [0]
+
+    def full_disk(obj, f, *a, **k):
+        calls[0] += 1
+        if calls[0] == 2:  # the second checkpoint: some bytes reach the file, then the disk is full
+            f.write(b"\0" * 4096)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match=r"could not write checkpoint .*step_0000001000\.pt: \[Errno 28\] No space "
+                                              r"left on device \(the previous checkpoint is intact\)"):
+        tr.train()
+    tr.close()
+    monkeypatch.setattr(torch, "save", real_save)
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_0000000500.pt"]
+    assert not list((tmp_path / "run" / "checkpoints").glob("*.tmp"))
+    ck = load_checkpoint(tmp_path / "run")
+    assert ck["trainer"]["step"] == 500
+    again = Trainer(cfg, tmp_path / "run", resume_from=ck)
+    assert again.train()["step"] == 2400
+    again.close()
+
+
+# -- long runs -------------------------------------------------------------------------------------------------------
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+@pytest.mark.slow
+def test_memory_stays_flat_over_a_long_run(tmp_path):
+    """80k steps with the replay buffer full after 5k, evaluation, logging and checkpoints all along: the resident
+    memory after warm-up grows by less than 25 MB (no growth in the trainer, logger or replay)."""
+    cfg = _config("total_steps=80000", "agent.buffer_size=5000", "eval.every=5000", "checkpoint.every=5000",
+                  "checkpoint.save_replay=false", "log.every=100", "log.tensorboard=true")
+    tr = Trainer(cfg, tmp_path / "run")
+    samples: list[tuple[int, float]] = []
+    set_step = tr.agent.set_step
+
+    def hook(s):
+        if s % 2000 == 0:
+            samples.append((s, _rss_mb()))
+        set_step(s)
+    tr.agent.set_step = hook
+    tr.train()
+    tr.close()
+    after_warmup = [m for s, m in samples if s >= 20000]
+    growth = after_warmup[-1] - after_warmup[0]
+    print("RSS MB by step:", [(s, round(m, 1)) for s, m in samples])
+    assert growth < 25, samples
