@@ -141,6 +141,20 @@ def validate(cfg: DictConfig) -> None:
                                        ("head_hidden", int, 0, None, False), ("cnn_features", int, 0, None, False)):
         if key in a:
             _num(cfg, f"agent.{key}", kind, lo, hi, lo_open=lo_open)
+    for key in ("actor_lr", "critic_lr", "alpha_lr", "alpha"):  # the SAC agents
+        if key in a:
+            _num(cfg, f"agent.{key}", float, 0, None, lo_open=True)
+    if "policy_delay" in a:
+        _num(cfg, "agent.policy_delay", int, 1)
+    if "target_entropy_scale" in a:
+        _num(cfg, "agent.target_entropy_scale", float, 0, 1)
+    if "variant" in a and a.variant not in ("t", "v1"):
+        raise ConfigError(f"agent.variant={a.variant!r} is not a DSAC variant: choose t (DSAC-T) or v1 (DSAC)")
+    if "log_std_min" in a and "log_std_max" in a:
+        _num(cfg, "agent.log_std_min", float)
+        _num(cfg, "agent.log_std_max", float)
+        if not a.log_std_max > a.log_std_min:
+            raise ConfigError(f"agent.log_std_max={a.log_std_max} must be greater than agent.log_std_min={a.log_std_min}")
     if "v_min" in a and "v_max" in a:
         _num(cfg, "agent.v_min", float)
         _num(cfg, "agent.v_max", float)

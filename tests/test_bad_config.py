@@ -26,7 +26,7 @@ print(json.dumps(out))
 
 CASES = [  # (arguments, text the one error line must contain)
     # unknown names
-    (["agent=nope"], "unknown agent 'nope': choose one of double_dqn, dqn, dueling_dqn"),
+    (["agent=nope"], "unknown agent 'nope': choose one of double_dqn, dqn, dsac, dueling_dqn, rainbow, sac, sac_discrete"),
     (["env=NoSuchEnv"], "unknown env 'NoSuchEnv': use a short name (CartPole"),
     (["quant=int3"], "unknown quant 'int3': choose one of none, w2a8, w4a8, w8a8"),
     (["hydra/launcher=nope"], "unknown hydra/launcher 'nope': choose one of basic, joblib"),
@@ -77,6 +77,18 @@ CASES = [  # (arguments, text the one error line must contain)
     (["env=Pong", "agent.encoder=mlp"], "encoder 'mlp' got image observations of shape (4, 84, 84)"),
     (["agent=dueling_dqn", "env=Pendulum"], "agent 'dueling_dqn' needs a discrete action space, got Box("),
     (["agent=rainbow", "env=MountainCarContinuous"], "agent 'rainbow' needs a discrete action space"),
+    (["agent=sac", "env=CartPole"], "agent 'sac' needs a continuous (Box, 1-d) action space, got Discrete(2); use "
+                                    "agent=sac_discrete"),
+    (["agent=sac_discrete", "env=Pendulum"], "agent 'sac_discrete' needs a discrete action space, got Box("),
+    (["agent=dsac", "env=Acrobot"], "agent 'dsac' needs a continuous (Box, 1-d) action space, got Discrete(3)"),
+    (["agent=sac", "env=Pendulum", "agent.atoms=51"], "unknown config key 'agent.atoms': valid keys under 'agent' are"),
+    (["agent=sac", "env=Pendulum", "agent.dueling=true"], "unknown config key 'agent.dueling'"),
+    (["agent=dsac", "env=Pendulum", "agent.variant=v3"], "agent.variant='v3' is not a DSAC variant: choose t (DSAC-T) "
+                                                         "or v1"),
+    (["agent=sac", "env=Pendulum", "agent.policy_delay=0"], "agent.policy_delay=0 is out of range: must be >= 1"),
+    (["agent=sac", "env=Pendulum", "agent.critic_lr=0"], "agent.critic_lr=0 is out of range: must be > 0"),
+    (["agent=sac_discrete", "agent.target_entropy_scale=2"], "agent.target_entropy_scale=2 is out of range: must be "
+                                                             "<= 1"),
     (["resume=does/not/exist"], "resume='does/not/exist' is not an rlq run directory (no config.yaml)"),
     # places that cannot be written
     (["run_dir=/proc/rlq-test-run"], "run_dir=/proc/rlq-test-run: cannot write there (/proc"),
