@@ -121,9 +121,12 @@ def pack_int4(codes: np.ndarray) -> np.ndarray:
     return (u[:, 0::2] | (u[:, 1::2] << 4)).astype(np.uint8)
 
 
-def network_graph(net: nn.Module, observation_space, meta: dict[str, Any] | None = None
-                  ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """The FORMAT.md graph and tensors of a quantized DQN-family ``QNetwork`` (quantization on)."""
+def network_graph(net: nn.Module, observation_space, meta: dict[str, Any] | None = None,
+                  action_space=None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The FORMAT.md graph and tensors of a quantized policy network (quantization on): the DQN family's
+    ``QNetwork``, the discrete SAC actor (argmax of its logits) or the SAC / DSAC Gaussian actor (its
+    deterministic action ``tanh(mean)`` scaled to ``action_space``'s bounds)."""
+    from rlq.agents.sac import DiscreteNet, GaussianActor
     from rlq.nets.distributional import CategoricalHead
     from rlq.nets.encoders import MLPEncoder, NatureCNN
     from rlq.nets.heads import DuelingHead, QHead, QNetwork
@@ -131,11 +134,30 @@ def network_graph(net: nn.Module, observation_space, meta: dict[str, Any] | None
     layers = list(quant_layers(net))
     if not layers or not all(m.quant_enabled for m in layers):
         raise ExportError("the network is not quantized: call quantize_() and enable it (QAT) or calibrate() (PTQ)")
-    if not isinstance(net, QNetwork):
-        raise ExportError(f"cannot export a {type(net).__name__}: supported policies are the DQN family's QNetwork")
+    if not isinstance(net, (QNetwork, DiscreteNet, GaussianActor)):
+        raise ExportError(f"cannot export a {type(net).__name__}: supported policies are the DQN family's QNetwork "
+                          "and the SAC agents' actors")
     shape = tuple(int(s) for s in observation_space.shape)
     image = np.dtype(observation_space.dtype) == np.uint8
     b = _GraphBuilder(shape)
+    graph = {"format": "rlq.policy", "version": 1,
+             "observation": {"shape": list(shape), "dtype": "uint8" if image else "float32"},
+             "preprocess": {"divide": 255.0 if image else 1.0}, "nodes": b.nodes, "meta": dict(meta or {})}
+    if isinstance(net, GaussianActor):
+        if action_space is None or len(shape) != 1:
+            raise ExportError("a Gaussian actor is exported with its action space (bounds) and 1-d observations")
+        a = int(action_space.shape[0])
+        children = list(net.net.children())
+        h = b.sequential(nn.Sequential(*children[:-1]), "obs")
+        mean = b.layer(children[-1], h)  # (mean, raw log-std): keep the mean rows
+        for key in ("weight", "out_scale", "bias"):
+            b.tensors[f"{mean}.{key}"] = np.ascontiguousarray(b.tensors[f"{mean}.{key}"][:a])
+        b.nodes[-1]["out_features"] = a
+        b.shapes[mean] = (a,)
+        out = b.op("tanh_bound", [mean], (a,))
+        b.tensors[f"{out}.low"] = np.asarray(action_space.low, np.float32)
+        b.tensors[f"{out}.high"] = np.asarray(action_space.high, np.float32)
+        return {**graph, "outputs": {"action_mean": out}, "act": "identity"}, b.tensors
     enc = net.encoder
     if isinstance(enc, NatureCNN):
         h = b.sequential(enc.convs, "obs")
@@ -146,6 +168,9 @@ def network_graph(net: nn.Module, observation_space, meta: dict[str, Any] | None
         h = b.sequential(enc.net, "obs")
     else:
         raise ExportError(f"cannot export encoder {type(enc).__name__}")
+    if isinstance(net, DiscreteNet):  # discrete SAC's actor: the action is the argmax of the logits
+        out = b.sequential(net.out, h)
+        return {**graph, "outputs": {"q_values": out}, "act": "argmax"}, b.tensors
     head = net.head
     if isinstance(head, CategoricalHead):
         a, atoms = head.n_actions, head.atoms
@@ -162,13 +187,7 @@ def network_graph(net: nn.Module, observation_space, meta: dict[str, Any] | None
         out = b.sequential(head.q, h)
     else:
         raise ExportError(f"cannot export head {type(head).__name__}")
-    graph = {
-        "format": "rlq.policy", "version": 1,
-        "observation": {"shape": list(shape), "dtype": "uint8" if image else "float32"},
-        "preprocess": {"divide": 255.0 if image else 1.0},
-        "nodes": b.nodes, "outputs": {"q_values": out}, "act": "argmax", "meta": dict(meta or {}),
-    }
-    return graph, b.tensors
+    return {**graph, "outputs": {"q_values": out}, "act": "argmax"}, b.tensors
 
 
 # -- agent -> file ---------------------------------------------------------------------------------------
@@ -255,15 +274,23 @@ def export_agent(agent, out: str | Path, bits: int | None = None, calib: str | N
         calibrate(net, obs, method=calib_method, forward=lambda x: net(torch.as_tensor(x, device=agent.device)))
         mode = "ptq"
     net.eval()
-    graph, tensors = network_graph(net, agent.observation_space, {**(meta or {}), "mode": mode})
+    graph, tensors = network_graph(net, agent.observation_space, {**(meta or {}), "mode": mode},
+                                   action_space=agent.action_space)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_policy(out, graph, tensors)
     policy = load_policy(out, backend="reference")
     with torch.no_grad():
         torch_actions = agent.act(obs, explore=False)
-    agreement = float((policy.act(obs) == torch_actions).mean())
-    return {"out": str(out), "mode": mode, "bytes": out.stat().st_size, "agreement": agreement,
+    if policy.discrete:
+        agreement = float((policy.act(obs) == torch_actions).mean())
+        extra: dict[str, Any] = {}
+    else:  # continuous: the share of actions within 1% of the action range of the torch model's
+        span = np.asarray(agent.action_space.high - agent.action_space.low, np.float32)
+        err = np.abs(policy.act(obs) - torch_actions) / span
+        agreement = float((err.max(axis=1) <= 0.01).mean())
+        extra = {"action_max_abs_error": float(err.max())}
+    return {"out": str(out), "mode": mode, "bytes": out.stat().st_size, "agreement": agreement, **extra,
             "observations": int(len(obs)),
             "weight_bits": sorted({int(n["weight_bits"]) for n in graph["nodes"] if "weight_bits" in n})}
 

@@ -54,6 +54,20 @@ def _assert_backends_bit_exact(path, obs):
     for isa, library in paths:
         got = CpuPolicy(graph, tensors, isa=isa, library=library).q_values(obs)
         np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32), err_msg=isa)
+    triton_policy = _triton(path)
+    if triton_policy is not None:  # Triton's kernels in its interpreter (CPU)
+        got = triton_policy.q_values(obs[:4])
+        np.testing.assert_array_equal(got.view(np.int32), want[:4].view(np.int32), err_msg="triton")
+
+
+def _triton(path):
+    """The file on the triton backend under TRITON_INTERPRET=1, or None when triton is not installed."""
+    import importlib.util
+    import os
+    if importlib.util.find_spec("triton") is None:
+        return None
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    return deploy.load_policy(path, backend="triton")
 
 
 def test_pack_int4_layout():
@@ -193,3 +207,66 @@ def test_export_cli_ptq_from_a_float_run(tmp_path):
 def test_export_cli_errors(args, msg):
     r = subprocess.run([sys.executable, "-m", "rlq.export", *args], capture_output=True, text=True)
     assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def _train_env(tmp_path, name, *extra):
+    from rlq.train import _compose, build_config
+    from rlq.trainer import Trainer
+    ov = ["total_steps=900", "agent.learning_starts=400", "agent.batch_size=64", "eval.every=0", "eval.final=false",
+          "checkpoint.every=0", "log.progress=false", "log.tensorboard=false", *extra]
+    cfg = build_config(_compose(ov), ov)
+    tr = Trainer(cfg, tmp_path / name)
+    tr.train()
+    tr.close()
+    return tr
+
+
+@pytest.mark.parametrize("agent,quant", [("sac", "w8a8"), ("dsac", "none"), ("sac", "w4a8")])
+def test_sac_actor_exports_its_deterministic_action(tmp_path, agent, quant):
+    """SAC / DSAC actors: the mean rows of the last layer, then tanh_bound to the env's bounds; the file's
+    actions match the agent's deterministic actions, and every backend is bit-exact."""
+    from rlq.checkpoint import load_agent
+    from rlq.export import export_agent
+    tr = _train_env(tmp_path, agent, f"agent={agent}", "env=Pendulum", f"quant={quant}", "quant.start_step=0")
+    policy_agent = load_agent(tmp_path / agent)
+    calib = tmp_path / "obs.npy"
+    np.save(calib, tr.buffer.sample(1000).obs.numpy())
+    summary = export_agent(policy_agent, tmp_path / "actor.rlqp", bits=None if quant != "none" else 8, calib=str(calib))
+    assert summary["mode"] == ("qat" if quant != "none" else "ptq")
+    graph, _ = deploy.read_policy(tmp_path / "actor.rlqp")
+    assert graph["act"] == "identity" and graph["nodes"][-1]["op"] == "tanh_bound"
+    held = np.random.default_rng(3).uniform(-1, 1, size=(3000, 3)).astype(np.float32)
+    held[:, 2] *= 8
+    pol = deploy.load_policy(tmp_path / "actor.rlqp", backend="reference")
+    got, want = pol.act(held), policy_agent.act(held, explore=False)
+    assert got.shape == want.shape == (3000, 1) and np.all(np.abs(got) <= 2.0)
+    err = np.abs(got - want).max(axis=1) / 4.0  # share of the action range
+    assert (err <= 0.01).mean() >= (0.999 if quant != "none" else 0.95), np.sort(err)[-10:]
+    _assert_backends_action_bit_exact(tmp_path / "actor.rlqp", held[:500])
+
+
+def test_discrete_sac_actor_exports(tmp_path):
+    from rlq.checkpoint import load_agent
+    from rlq.export import export_agent
+    tr = _train_env(tmp_path, "sacd", "agent=sac_discrete", "quant=w8a8", "quant.start_step=0")
+    agent = load_agent(tmp_path / "sacd")
+    calib = tmp_path / "obs.npy"
+    np.save(calib, tr.buffer.sample(1000).obs.numpy())
+    summary = export_agent(agent, tmp_path / "sacd.rlqp", calib=str(calib))
+    assert summary["mode"] == "qat" and summary["agreement"] >= 0.999
+    _assert_backends_bit_exact(tmp_path / "sacd.rlqp", np.load(calib)[:500])
+
+
+def _assert_backends_action_bit_exact(path, obs):
+    if not _have_kernels():
+        pytest.skip("no C compiler")
+    from rlq.deploy.cpu import CpuPolicy, available_isas, load_library
+    graph, tensors = deploy.read_policy(path)
+    want = deploy.load_policy(path, backend="reference").action_mean(obs)
+    lib = load_library()
+    for isa in available_isas(lib):
+        got = CpuPolicy(graph, tensors, isa=isa, library=lib).action_mean(obs)
+        np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32), err_msg=isa)
+    triton_policy = _triton(path)
+    if triton_policy is not None:
+        np.testing.assert_array_equal(triton_policy.action_mean(obs[:16]).view(np.int32), want[:16].view(np.int32))

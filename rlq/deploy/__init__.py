@@ -24,12 +24,19 @@ def load_policy(path: str | os.PathLike, backend: str = "auto", isa: str | None 
 
     ``backend``: ``"reference"`` (numpy), ``"cpu"`` (compiled C kernels; ``isa`` or ``$RLQ_DEPLOY_ISA``
     forces ``scalar``/``avx2``/``avx512vnni``), ``"auto"`` (cpu when a C compiler is available and the
-    build works, else reference with a warning). ``"triton"`` is not available in this build."""
+    build works, else reference with a warning), ``"triton"`` (Triton kernels on a GPU, or on the CPU under
+    ``TRITON_INTERPRET=1``; needs torch and triton, the only backend that imports torch)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not supported (allowed: {', '.join(BACKENDS)})")
-    if backend == "triton":
-        raise ValueError("backend='triton' is not available in this rlq build (use 'cpu' or 'reference')")
     graph, tensors = read_policy(path)
+    if backend == "triton":
+        if isa is not None:
+            raise ValueError("isa= applies to backend='cpu' (or 'auto'), not 'triton'")
+        try:
+            from .triton_backend import TritonPolicy
+        except ImportError as e:
+            raise ImportError(f"backend='triton' needs triton and torch (pip install \"rlq[triton]\"): {e}") from None
+        return TritonPolicy(graph, tensors)
     if backend == "reference":
         if isa is not None:
             raise ValueError("isa= applies to backend='cpu' (or 'auto'), not 'reference'")
