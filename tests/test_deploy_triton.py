@@ -14,10 +14,10 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_deploy import mlp, nature_cnn, obs_for, small_cnn  # noqa: E402
+from test_deploy import mlp, nature_cnn, obs_for, small_cnn
 
-from rlq.deploy import load_policy, save_policy  # noqa: E402
-from rlq.deploy import reference as ref  # noqa: E402
+from rlq.deploy import load_policy, save_policy
+from rlq.deploy import reference as ref
 
 CASES = {
     "mlp_int8": lambda: mlp(0, obs_dim=7, hidden=(40, 33)),

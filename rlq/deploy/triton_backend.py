@@ -111,7 +111,6 @@ class TritonPolicy(Policy):
     def _layer(self, node: dict, x: torch.Tensor) -> torch.Tensor:
         L = self.layers[node["name"]]
         if node["op"] == "conv2d":
-            b = x.shape[0]
             kh, kw = node["kernel"]
             cols = torch.nn.functional.unfold(x, (kh, kw), padding=tuple(node["padding"]), stride=tuple(node["stride"]))
             a = cols.transpose(1, 2).reshape(-1, cols.shape[1]).contiguous()   # (B * L, C * kh * kw)
