@@ -38,11 +38,12 @@ def _stop_at(trainer: Trainer, step: int) -> None:
     trainer.agent.set_step = hook
 
 
-@pytest.mark.parametrize("agent", ["dqn", "rainbow"])
+@pytest.mark.parametrize("agent", ["dqn", "rainbow", "sac", "sac_discrete"])
 def test_stopped_and_resumed_run_equals_uninterrupted_run(tmp_path, agent):
     """With the replay buffer saved, a run stopped half-way and resumed ends with the same parameters,
     optimizer state, counters and logged metrics as a run that was never stopped."""
-    cfg = _config(f"agent={agent}", "env.num_envs=2")
+    env = ["env=Pendulum", "agent.batch_size=64"] if agent == "sac" else []
+    cfg = _config(f"agent={agent}", "env.num_envs=2", *env)
     straight = Trainer(cfg, tmp_path / "straight")
     straight.train()
     straight.close()
