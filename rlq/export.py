@@ -5,8 +5,8 @@ weights, float32 scales and biases, and a JSON graph), runnable with ``rlq.load_
 
 - A network trained with QAT (``quant=w8a8|w4a8|w2a8``, quantization switched on) is exported as trained:
   its integer weights, scales and zero points are exactly what its fake-quant forward used.
-- A float network is post-training quantized first: ``bits`` for the weights (8 or 4; first and last
-  layers 8-bit), activation ranges calibrated (``calib_method=minmax|percentile|mse``) on observations
+- A float network is post-training quantized first: ``bits`` for the weights (8, the default, or 4; first
+  and last layers 8-bit), activation ranges calibrated (``calib_method=minmax|percentile|mse``) on observations
   from ``calib``: ``replay`` (the checkpoint's saved replay buffer, ``checkpoint.save_replay=true``),
   ``rollout`` (play ``calib_steps`` steps with the greedy policy, epsilon 0.1), or a ``.npy`` file of
   observations. The default is ``replay`` when the checkpoint has one, else ``rollout``.
@@ -263,6 +263,7 @@ def export_agent(agent, out: str | Path, bits: int | None = None, calib: str | N
                               f"{sorted({m.wq.bits for m in quant_layers(net)})}; omit bits to export it as trained")
         mode = "qat"
     else:
+        bits = 8 if bits is None else bits  # a float network: post-training int8 unless bits=4 is asked for
         if bits not in (8, 4):
             raise ExportError(f"bits={bits}: a float network is post-training quantized to bits=8 or bits=4")
         if list(quant_layers(net)):  # a QAT run exported before its quant.start_step: reuse its layers
