@@ -197,6 +197,17 @@ class _SACBase(Agent):
         loss = alpha_loss(self.log_alpha, entropy, self.target_entropy)
         return self.optimizer_step(loss, self.alpha_optimizer, [self.log_alpha])
 
+    # the modules every subclass has: actor, critics, critic_targets, actor_optimizer, critic_optimizer
+    _MODULES = ("actor", "critics", "critic_targets", "actor_optimizer", "critic_optimizer")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**{k: getattr(self, k).state_dict() for k in self._MODULES}, **self._common_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k in self._MODULES:
+            getattr(self, k).load_state_dict(state[k])
+        self._load_common(state)
+
     def _common_state(self) -> dict[str, Any]:
         return {"log_alpha": self.log_alpha.detach().clone(), "alpha_optimizer": self.alpha_optimizer.state_dict(),
                 "step": self.step, "updates": self.updates, "rng": self.rng.bit_generator.state,
@@ -359,23 +370,16 @@ class SACAgent(_SACBase):
 
     # -- state --------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        s = {"actor": self.actor.state_dict(), "critics": self.critics.state_dict(),
-             "critic_targets": self.critic_targets.state_dict(), "actor_optimizer": self.actor_optimizer.state_dict(),
-             "critic_optimizer": self.critic_optimizer.state_dict(), **self._common_state()}
+        s = super().state_dict()
         if self.distributional:
             s.update(actor_target=self.actor_target.state_dict(), mean_std=self.mean_std.clone())
         return s
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.actor.load_state_dict(state["actor"])
-        self.critics.load_state_dict(state["critics"])
-        self.critic_targets.load_state_dict(state["critic_targets"])
-        self.actor_optimizer.load_state_dict(state["actor_optimizer"])
-        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+        super().load_state_dict(state)
         if self.distributional:
             self.actor_target.load_state_dict(state["actor_target"])
             self.mean_std.copy_(state["mean_std"])
-        self._load_common(state)
 
 
 def dsac_t_critic_loss(q: torch.Tensor, std: torch.Tensor, y: torch.Tensor, y_sample: torch.Tensor,
@@ -474,16 +478,3 @@ class DiscreteSACAgent(_SACBase):
         if self.updates % self.target_update_period == 0:
             polyak(self.critic_targets, self.critics, self.tau)
         return UpdateOut(metrics=metrics)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"actor": self.actor.state_dict(), "critics": self.critics.state_dict(),
-                "critic_targets": self.critic_targets.state_dict(), "actor_optimizer": self.actor_optimizer.state_dict(),
-                "critic_optimizer": self.critic_optimizer.state_dict(), **self._common_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.actor.load_state_dict(state["actor"])
-        self.critics.load_state_dict(state["critics"])
-        self.critic_targets.load_state_dict(state["critic_targets"])
-        self.actor_optimizer.load_state_dict(state["actor_optimizer"])
-        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
-        self._load_common(state)
