@@ -8,8 +8,17 @@ and sums them in int32, then runs FORMAT.md's epilogue ``float32(acc) * out_scal
 Kernels are launched with ``enable_fp_fusion=False`` so no multiply-add is contracted into an FMA. A
 convolution is ``unfold`` (im2col, exact data movement on the device; padding with real 0.0 quantizes to
 the zero point as FORMAT.md requires) followed by the same kernel. The float heads (dueling, C51's
-expected value, tanh_bound: a few thousand flops on ``(B, A)`` outputs) run on the host with the
-reference's own functions, so their float32 operation order is FORMAT.md's by construction.
+expected value, tanh_bound: a few thousand flops on ``(B, A)`` outputs, the last nodes of a graph whose output
+goes to the host anyway) run on the host with the reference's own functions, so their float32 operation order
+(sums in index order, ``rlq_exp``/``rlq_tanh``) is FORMAT.md's by construction.
+
+Rounding: :func:`_rint` is ``(x + 2^23) - 2^23`` (sign-matched), which rounds half to even through the
+hardware's round-to-nearest-even add; it is valid in the interpreter (numpy float32) and on a GPU (no
+fast-math, no fusion). libdevice's ``rint`` is not used: the interpreter cannot run ``extern_elementwise``.
+Division is ``tl.math.div_rn`` (IEEE, correctly rounded; a plain ``/`` may lower to an approximate
+``div.full.f32`` on NVIDIA GPUs). ``enable_fp_fusion=False`` is a launch option of the CUDA and HIP backends
+(``CUDAOptions.enable_fp_fusion``; without it Triton 3.9 warns and fuses by default); the interpreter
+ignores launch options, so the tests also check that the option still exists.
 
 This module imports torch and triton (the rest of ``rlq.deploy`` imports neither); ``pip install
 "rlq[triton]"``. It is written for correctness first: the int32 products are formed elementwise (a GPU
@@ -45,7 +54,7 @@ def _qgemm(X, W, OS, BIAS, Y, M, N, K, KW, stride_x, stride_y, in_scale, zp, zpi
            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    rm = pid_m * BM + tl.arange(0, BM)
+    rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)   # row offsets: M * K passes 2^31 for big conv batches
     rn = pid_n * BN + tl.arange(0, BN)
     acc = tl.zeros((BM, BN), dtype=tl.int32)
     for k0 in range(0, K, BK):
@@ -53,7 +62,7 @@ def _qgemm(X, W, OS, BIAS, Y, M, N, K, KW, stride_x, stride_y, in_scale, zp, zpi
         xmask = (rm[:, None] < M) & (rk[None, :] < K)
         x = tl.load(X + rm[:, None] * stride_x + rk[None, :], mask=xmask, other=0.0)
         q = _rint(tl.math.div_rn(x, in_scale)) + zp
-        q = tl.where(q != q, 0.0, q)                      # NaN -> code 0
+        q = tl.where(q != q, 0.0, q)  # noqa: PLR0124  (NaN -> code 0, as the reference's fmax)
         q = tl.minimum(tl.maximum(q, 0.0), qmax)
         a = tl.where(xmask, q.to(tl.int32) - zpi, 0)
         wmask = (rn[:, None] < N) & (rk[None, :] < K)
@@ -74,13 +83,19 @@ def _qgemm(X, W, OS, BIAS, Y, M, N, K, KW, stride_x, stride_y, in_scale, zp, zpi
     tl.store(Y + rm[:, None] * stride_y + rn[None, :], y, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
+# Triton picks the interpreter when a kernel is decorated (at this module's import), not at launch
+_INTERPRETED = type(_qgemm).__name__ == "InterpretedFunction"
+
+
 def _device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda")
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if _INTERPRETED:
         return torch.device("cpu")
-    raise RuntimeError("backend='triton' needs a CUDA GPU, or TRITON_INTERPRET=1 to run its kernels on the CPU "
-                       "(slow; for tests)")
+    set_late = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "yes", "on")
+    late = " (it was set after rlq.deploy.triton_backend was imported)" if set_late else ""
+    raise RuntimeError("backend='triton' needs a CUDA GPU, or TRITON_INTERPRET=1 set before triton is imported to "
+                       f"run its kernels on the CPU (slow; for tests){late}")
 
 
 class TritonPolicy(Policy):
