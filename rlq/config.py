@@ -150,6 +150,8 @@ def validate(cfg: DictConfig) -> None:
         _num(cfg, "agent.target_entropy_scale", float, 0, 1)
     if "variant" in a and a.variant not in ("t", "v1"):
         raise ConfigError(f"agent.variant={a.variant!r} is not a DSAC variant: choose t (DSAC-T) or v1 (DSAC)")
+    if "log_std_mode" in a and a.log_std_mode not in ("tanh", "clamp"):
+        raise ConfigError(f"agent.log_std_mode={a.log_std_mode!r} is not a log-std mapping: choose tanh or clamp")
     if "log_std_min" in a and "log_std_max" in a:
         _num(cfg, "agent.log_std_min", float)
         _num(cfg, "agent.log_std_max", float)

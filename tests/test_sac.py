@@ -232,3 +232,57 @@ def test_wrong_action_space_is_one_clear_error(name, space, msg):
     with pytest.raises(ValueError) as e:
         _agent(name, BOX, space)
     assert msg in str(e.value) and "\n" not in str(e.value)
+
+
+def test_log_std_modes_map_the_raw_output_into_the_range():
+    from rlq.agents.sac import GaussianActor
+    raw = T([[-30.0, -1.0, 0.0, 0.3, 5.0]])
+    for mode, want in (("clamp", T([[-20.0, -1.0, 0.0, 0.3, 0.5]])),
+                       ("tanh", -20.0 + 0.5 * 20.5 * (torch.tanh(raw) + 1.0))):
+        actor = GaussianActor(2, 5, [4], -20.0, 0.5, mode)
+        with torch.no_grad():  # last layer: the mean rows 0, the log-std rows read the raw values off the bias
+            last = actor.net[-1]
+            last.weight.zero_()
+            last.bias.copy_(torch.cat([torch.zeros(5), raw[0]]))
+        mean, log_std = actor(torch.zeros(1, 2))
+        torch.testing.assert_close(log_std, want)
+        torch.testing.assert_close(mean, torch.zeros(1, 5))
+    # the configs: SAC squashes (CleanRL), DSAC-T clips as its authors do, so an untrained actor has sigma ~ 1
+    assert _agent("sac").actor.log_std_mode == "tanh"
+    dsac = _agent("dsac")
+    assert dsac.actor.log_std_mode == dsac.actor_target.log_std_mode == "clamp"
+    _, log_std = dsac.actor(torch.zeros(64, 3))
+    assert log_std.abs().max() < 1.0  # with tanh into [-20, 0.5] it would start near -9.75 (sigma ~ 6e-5)
+
+
+@pytest.mark.parametrize("name", ["sac", "dsac"])
+def test_actor_update_leaves_the_critics_alone(name):
+    """The actor's loss goes through the critics to the action, but computes no critic weight gradient, and
+    the critics stay trainable afterwards."""
+    a = _agent(name, BOX, PENDULUM_ACT, "agent.learning_starts=0", "agent.policy_delay=1")
+    batch = _batch(BOX, PENDULUM_ACT, b=16)
+    actor_before = [p.detach().clone() for p in a.actor.parameters()]
+    critic_grads = []
+    step = a.optimizer_step
+
+    def spy(loss, optimizer, params, max_grad_norm=0.0):
+        before = [None if p.grad is None else p.grad.clone() for p in a.critics.parameters()]
+        out = step(loss, optimizer, params, max_grad_norm)
+        if optimizer is a.actor_optimizer:
+            critic_grads.append((before, [p.grad for p in a.critics.parameters()]))
+        return out
+
+    a.optimizer_step = spy
+    a.update(batch)
+    assert len(critic_grads) == 1
+    for x, y in zip(*critic_grads[0]):  # the critic step's gradients, untouched by the actor's backward
+        assert torch.equal(x, y)
+    assert all(p.requires_grad for p in a.critics.parameters())
+    assert any(not torch.equal(x, y) for x, y in zip(actor_before, a.actor.parameters()))
+
+
+def test_bad_log_std_mode_is_one_clear_error():
+    from rlq.config import ConfigError
+    ov = ["agent=dsac", "env=Pendulum", "agent.log_std_mode=exp"]
+    with pytest.raises(ConfigError, match=r"^agent.log_std_mode='exp' is not a log-std mapping: choose tanh or clamp$"):
+        build_config(_compose(ov), ov)

@@ -43,6 +43,20 @@ by ``td_bound`` (20), and the loss ``-(y - Q) / (σ̂^2 + ε) · Q - ((Q - y_b)^
 
 Every network passes through :meth:`Agent.quantize` before its optimizer, so ``quant=w8a8`` trains
 fake-quantized actors and critics; ``policy_net()`` is the actor (what gets exported).
+
+Defaults and deviations (the configs ``configs/agent/{sac,sac_discrete,dsac}.yaml`` comment every key)
+    - SAC follows CleanRL's ``sac_continuous_action``: lr 3e-4 (actor) / 1e-3 (critics, α), batch 256, 256x2
+      ReLU MLPs, τ 0.005, log σ squashed by a tanh into [-5, 2] (``log_std_mode: tanh``); the paper updates
+      the actor every step (``policy_delay: 1``), CleanRL every 2nd step twice. The actor's loss
+      backpropagates through the critics with their weights frozen (no critic gradient is computed there).
+    - Discrete SAC: ``target_entropy_scale`` defaults to 0.3 on classic control (Christodoulou: 0.98, which on
+      CartPole's two actions asks for an almost uniform policy) and 0.89 on Atari (CleanRL). The actor's loss
+      uses the critics' ``Q(s, ·)`` from before this update's critic step (one forward pass fewer).
+    - DSAC-T follows the authors' MuJoCo settings (lr 1e-4, α lr 3e-4, log α₀ = 1, 256x3 MLPs, log σ clipped
+      to [-20, 0.5] with ``log_std_mode: clamp``, ``policy_delay`` 2) except ReLU for their GELU (the
+      deployment kernels implement ReLU) and ``learning_starts`` 5000 (theirs: 10000). Their serial trainer
+      collects ``sample_batch_size`` = 20 env steps per update (so their 1.5M iterations are ~30M env steps);
+      here one update follows each env step, as in SAC (``agent.train_freq=20`` gives their ratio).
 """
 from __future__ import annotations
 
@@ -81,16 +95,23 @@ def squashed_log_prob(u: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor
 
 
 class GaussianActor(nn.Module):
-    """obs -> (mean, log_std) of a Gaussian over pre-tanh actions; ``log_std`` squashed into
-    ``[log_std_min, log_std_max]`` with a tanh (smooth, as in CleanRL)."""
+    """obs -> (mean, log_std) of a Gaussian over pre-tanh actions. ``log_std_mode`` maps the network's raw
+    output into ``[log_std_min, log_std_max]``: ``tanh`` squashes it smoothly (CleanRL's SAC; a raw 0 gives the
+    middle of the range), ``clamp`` clips it (the DSAC-T authors' code; a raw 0 gives log σ = 0, σ = 1)."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: list[int], log_std_min: float, log_std_max: float):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: list[int], log_std_min: float, log_std_max: float,
+                 log_std_mode: str = "tanh"):
         super().__init__()
+        if log_std_mode not in ("tanh", "clamp"):
+            raise ValueError(f"log_std_mode={log_std_mode!r}: choose tanh or clamp")
         self.net = mlp(obs_dim, hidden, 2 * act_dim)
         self.log_std_min, self.log_std_max = float(log_std_min), float(log_std_max)
+        self.log_std_mode = log_std_mode
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean, raw = self.net(obs.flatten(1).float()).chunk(2, dim=-1)
+        if self.log_std_mode == "clamp":
+            return mean, raw.clamp(self.log_std_min, self.log_std_max)
         log_std = self.log_std_min + 0.5 * (self.log_std_max - self.log_std_min) * (torch.tanh(raw) + 1.0)
         return mean, log_std
 
@@ -149,6 +170,22 @@ def discrete_actor_loss(logp: torch.Tensor, q_min: torch.Tensor, alpha: torch.Te
 def alpha_loss(log_alpha: torch.Tensor, entropy: torch.Tensor, target_entropy: float) -> torch.Tensor:
     """``mean log α · (H - H̄)``: its gradient raises α when the policy's entropy is below the target."""
     return (log_alpha * (entropy.detach() - target_entropy)).mean()
+
+
+class frozen:
+    """Context: ``params`` do not require gradients inside, so the actor's loss backpropagates through the
+    critics to the action without computing (and then discarding) the critics' weight gradients."""
+
+    def __init__(self, params: list[torch.Tensor]):
+        self.params = params
+
+    def __enter__(self) -> None:
+        for p in self.params:
+            p.requires_grad_(False)
+
+    def __exit__(self, *exc: object) -> None:
+        for p in self.params:
+            p.requires_grad_(True)
 
 
 def polyak(target: nn.Module, online: nn.Module, tau: float) -> None:
@@ -254,8 +291,8 @@ class SACAgent(_SACBase):
         out = 2 if self.distributional else 1
         obs_ex = self.example_obs().float()
         act_ex = torch.zeros(obs_ex.shape[0], self.act_dim, device=self.device)
-        self.actor = self.quantize(GaussianActor(obs_dim, self.act_dim, hidden, cfg.log_std_min, cfg.log_std_max)
-                                   .to(self.device), obs_ex)
+        std_args = (cfg.log_std_min, cfg.log_std_max, str(cfg.get("log_std_mode", "tanh")))
+        self.actor = self.quantize(GaussianActor(obs_dim, self.act_dim, hidden, *std_args).to(self.device), obs_ex)
         self.critics = nn.ModuleList(self.quantize(Critic(obs_dim, self.act_dim, hidden, out).to(self.device),
                                                    (obs_ex, act_ex)) for _ in range(n_critics))
         self.critic_targets = nn.ModuleList(self.quantize(Critic(obs_dim, self.act_dim, hidden, out).to(self.device),
@@ -264,7 +301,7 @@ class SACAgent(_SACBase):
         self.critic_targets.requires_grad_(False)
         if self.distributional:  # DSAC's target policy
             self.actor_target = self.quantize(
-                GaussianActor(obs_dim, self.act_dim, hidden, cfg.log_std_min, cfg.log_std_max).to(self.device), obs_ex)
+                GaussianActor(obs_dim, self.act_dim, hidden, *std_args).to(self.device), obs_ex)
             self.actor_target.load_state_dict(self.actor.state_dict())
             self.actor_target.requires_grad_(False)
             self.mean_std = torch.full((n_critics,), -1.0, device=self.device)  # σ̄_i (-1: not yet seen)
@@ -318,10 +355,12 @@ class SACAgent(_SACBase):
         self.updates += 1
         metrics = {"loss": value, **info}
         if self.updates % self.policy_delay == 0:
-            a, logp = self.actor.sample(obs, self.gen)
-            q_pi = torch.stack([c(obs, a)[..., 0] for c in self.critics]).min(0).values
-            actor_loss = (alpha * logp - q_pi).mean()
-            actor_value = self.optimizer_step(actor_loss, self.actor_optimizer, self._actor_params, self.max_grad_norm)
+            with frozen(self._critic_params):  # gradients reach the actor only
+                a, logp = self.actor.sample(obs, self.gen)
+                q_pi = torch.stack([c(obs, a)[..., 0] for c in self.critics]).min(0).values
+                actor_loss = (alpha * logp - q_pi).mean()
+                actor_value = self.optimizer_step(actor_loss, self.actor_optimizer, self._actor_params,
+                                                  self.max_grad_norm)
             if not math.isfinite(actor_value):
                 return UpdateOut(metrics={"loss": actor_value})
             self._alpha_step(-logp)
