@@ -66,6 +66,8 @@ def _triton(path):
     import os
     if importlib.util.find_spec("triton") is None:
         return None
+    if os.environ.get("TRITON_INTERPRET") != "1" and "triton" in sys.modules:
+        return None  # the interpreter is chosen when triton is imported: run with TRITON_INTERPRET=1 for this check
     os.environ.setdefault("TRITON_INTERPRET", "1")
     return deploy.load_policy(path, backend="triton")
 
