@@ -148,6 +148,19 @@ def validate(cfg: DictConfig) -> None:
         _num(cfg, "agent.policy_delay", int, 1)
     if "target_entropy_scale" in a:
         _num(cfg, "agent.target_entropy_scale", float, 0, 1)
+    for key in ("n_members", "n_critics"):  # Q-ensembles (agent=qensemble; the SAC critics)
+        if key in a:
+            _num(cfg, f"agent.{key}", int, 1)
+    if "target_reduction" in a:
+        if a.target_reduction not in ("min", "mean", "redq"):
+            raise ConfigError(f"agent.target_reduction={a.target_reduction!r} is not a target reduction: choose "
+                              f"one of min, mean, redq")
+        n_key = "n_members" if "n_members" in a else "n_critics"
+        if a.target_reduction == "redq":
+            _num(cfg, "agent.redq_m", int, 1)
+            if a.redq_m > a.get(n_key, 2):
+                raise ConfigError(f"agent.redq_m={a.redq_m} is out of range: REDQ's subset needs 1 <= redq_m <= "
+                                  f"agent.{n_key}={a.get(n_key, 2)}")
     if "variant" in a and a.variant not in ("t", "v1"):
         raise ConfigError(f"agent.variant={a.variant!r} is not a DSAC variant: choose t (DSAC-T) or v1 (DSAC)")
     if "log_std_mode" in a and a.log_std_mode not in ("tanh", "clamp"):

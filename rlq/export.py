@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from rlq.nets.ensemble import EnsembleQNetwork, mean_q_network
 from rlq.quant import QuantConfig, calibrate, integer_layer, is_quantized, quant_layers, quantize_
 from rlq.quant.layers import QUANT_LAYERS
 
@@ -191,6 +192,19 @@ def network_graph(net: nn.Module, observation_space, meta: dict[str, Any] | None
 
 
 # -- agent -> file ---------------------------------------------------------------------------------------
+def fold_ensemble(net: EnsembleQNetwork) -> nn.Module:
+    """A Q-ensemble's mean-Q policy as one float ``QNetwork`` (``rlq.nets.ensemble.mean_q_network``), which is
+    then post-training quantized like any float network. A QAT-trained ensemble is refused: the average over
+    members mixes per-member weight scales, so the trained integer weights have no exact form in the format."""
+    if list(quant_layers(net)):
+        raise ExportError("a QAT-trained Q-ensemble cannot be exported as trained (the mean over members has no "
+                          "exact integer form); export a float run (quant=none): it is folded and quantized (PTQ)")
+    try:
+        return mean_q_network(net)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+
+
 def calibration_observations(agent, calib: str | None, steps: int, replay: dict | None) -> np.ndarray:
     """Observations for PTQ: from the saved replay, a greedy rollout, or a .npy file."""
     if calib is None:
@@ -255,6 +269,8 @@ def export_agent(agent, out: str | Path, bits: int | None = None, calib: str | N
     from rlq.deploy import load_policy, save_policy
 
     net = agent.policy_net()
+    if isinstance(net, EnsembleQNetwork):  # agent=qensemble: its greedy policy, folded into one network
+        net = fold_ensemble(net)
     obs = calibration_observations(agent, calib, calib_steps, replay)
     example = torch.as_tensor(obs[:2], device=agent.device)
     if is_quantized(net):

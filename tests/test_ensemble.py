@@ -38,7 +38,7 @@ def test_ensemble_mlp_gradients_match_separate_mlps():
     target = torch.randn(3, 8, 2)
     ((ens(x) - target) ** 2).sum().backward()
     for i in range(3):
-        layers = [m for m in ens.net if not isinstance(m, nn.ReLU)]
+        layers = list(ens.layers)
         mlp = nn.Sequential(layers[0].member(i), nn.ReLU(), layers[1].member(i), nn.ReLU(), layers[2].member(i))
         ((mlp(x) - target[i]) ** 2).sum().backward()
         for mine, theirs in zip(layers, [mlp[0], mlp[2], mlp[4]]):

@@ -210,12 +210,13 @@ def test_discrete_sac_on_pixels_uses_the_nature_cnn():
 @pytest.mark.parametrize("name,space,act_space", [("sac", BOX, PENDULUM_ACT), ("dsac", BOX, PENDULUM_ACT),
                                                   ("sac_discrete", BOX, gym.spaces.Discrete(2))])
 def test_quantization_reaches_actor_and_critics(name, space, act_space):
-    from rlq.quant.layers import QuantLinear
+    from rlq.nets.ensemble import EnsembleLinear
+    from rlq.quant.layers import QuantEnsembleLinear, QuantLinear
     a = _agent(name, space, act_space, "quant=w8a8", "agent.learning_starts=0", quant=True)
-    nets = [a.actor, *a.critics, *a.critic_targets] + ([a.actor_target] if name == "dsac" else [])
-    for net in nets:
-        linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
-        assert linears and all(isinstance(m, QuantLinear) for m in linears)
+    nets = [a.actor, a.critics, a.critic_targets] + ([a.actor_target] if name == "dsac" else [])
+    for net in nets:  # (SAC's critics are one vectorized ensemble: EnsembleLinear layers)
+        linears = [m for m in net.modules() if isinstance(m, (torch.nn.Linear, EnsembleLinear))]
+        assert linears and all(isinstance(m, (QuantLinear, QuantEnsembleLinear)) for m in linears)
     a.start_quantization()
     assert a.quant_active
     assert math.isfinite(a.update(_batch(space, act_space, b=8)).metrics["loss"])

@@ -9,6 +9,22 @@ toward a target entropy (default ``-|A|``). With ``a' ~ π(·|s')`` and ``ℓ' =
     L_π      = mean (α log π(ã|s) - min_i Q_i(s, ã)),   ã ~ π(·|s) (reparameterised)
     L_α      = mean (log α · (-log π(ã|s) - H̄))         (α grows when the entropy is below H̄)
 
+**Critic ensembles** (``agent.n_critics``, ``agent.target_reduction``): SAC's critics are one vectorized
+:class:`EnsembleCritic` of N members (stacked weights, one batched call; N = 2 is the twin critics above, built
+from two ``Critic`` initialisations exactly as before). ``target_reduction`` replaces the ``min_i`` of the target:
+
+- ``min`` over all N: SAC (N = 2) and SAC-N (An et al. 2021, "Uncertainty-Based Offline RL with Diversified
+  Q-Ensemble"; LB-SAC, Nikulin et al. 2022, is SAC-N with a large batch and a square-root-scaled learning rate,
+  ``configs/agent/lb_sac.yaml``). The actor maximises the min over all N too.
+- ``redq``: REDQ (Chen et al. 2021): the min over a random subset of ``redq_m`` target critics, drawn anew for
+  every update (only those M are evaluated); the actor's loss uses the **mean** over all N critics, and the
+  update-to-data ratio is ``gradient_steps`` (the paper: N = 10, M = 2, 20 updates per env step with
+  ``policy_delay`` 20, i.e. one actor update per env step; ``configs/agent/redq.yaml``).
+- ``mean``: the ensemble average in the target and in the actor's loss (REDQ's ``q_target_mode: ave``).
+
+Every critic regresses to the same target; the loss is summed over critics (``Σ_i mean (Q_i - y)^2``, as above).
+DSAC keeps its own twin (v1: single) distributional critics.
+
 The log-probability of a squashed action ``a = tanh(u)`` is ``log N(u; μ, σ) - Σ log(1 - tanh(u)^2)``,
 computed as ``2 (log 2 - u - softplus(-2u))`` (stable for large ``|u|``). Actions are scaled from
 ``[-1, 1]`` to the env's Box bounds; the critics see the ``[-1, 1]`` actions.
@@ -71,7 +87,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlq.agents.base import Agent, UpdateOut, register
+from rlq.agents.qensemble import check_ensemble_cfg, reduce_members
 from rlq.nets import make_encoder
+from rlq.nets.ensemble import EnsembleMLP
 from rlq.replay.base import Batch
 
 LOG_2 = math.log(2.0)
@@ -137,6 +155,28 @@ class Critic(nn.Module):
 
     def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         return self.net(torch.cat([obs.flatten(1).float(), action], dim=-1))
+
+
+class EnsembleCritic(nn.Module):
+    """N critics ``Q_i(s, a)`` with stacked weights (:class:`rlq.nets.ensemble.EnsembleMLP`): ``forward(obs,
+    action, members=None)`` -> ``(k, B, out)`` for the k selected members (all by default), in one batched
+    call. Built by stacking N :class:`Critic` initialisations (:meth:`from_critics`), so N = 2 starts from
+    exactly the twin critics two ``Critic`` modules would be."""
+
+    def __init__(self, net: EnsembleMLP):
+        super().__init__()
+        self.net = net
+        self.n = net.n
+
+    @classmethod
+    def from_critics(cls, critics: list[Critic]) -> "EnsembleCritic":
+        return cls(EnsembleMLP.from_sequentials([c.net for c in critics]))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor, members: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net(torch.cat([obs.flatten(1).float(), action], dim=-1), members)
 
 
 class DiscreteNet(nn.Module):
@@ -260,7 +300,7 @@ class _SACBase(Agent):
         self.gen.set_state(state["gen"])
 
 
-@register("sac", "dsac")
+@register("sac", "dsac", "sac_n", "redq", "lb_sac")
 class SACAgent(_SACBase):
     """SAC and DSAC-T / DSAC-v1 on continuous (Box) action spaces (``distributional`` and ``variant`` in
     the config select DSAC; see the module docstring)."""
@@ -288,16 +328,27 @@ class SACAgent(_SACBase):
         self.center = torch.as_tensor((high + low) / 2.0, device=self.device)
         self.target_entropy = float(cfg.target_entropy) if cfg.get("target_entropy") is not None else -float(self.act_dim)
         hidden = list(cfg.hidden)
-        n_critics = 1 if (self.distributional and self.variant == "v1") else 2
+        self.n_critics = int(cfg.get("n_critics", 2))
+        self.reduction = str(cfg.get("target_reduction", "min"))
+        self.redq_m = int(cfg.get("redq_m", 2))
+        if self.distributional and (self.n_critics != 2 or self.reduction != "min"):
+            raise ValueError(f"agent.n_critics={self.n_critics} / agent.target_reduction={self.reduction!r}: {cfg.name} "
+                             "keeps its own distributional critics (use agent=sac for critic ensembles)")
+        check_ensemble_cfg(self.n_critics, self.reduction, self.redq_m, "agent.n_critics")
+        n_critics = 1 if (self.distributional and self.variant == "v1") else self.n_critics
         out = 2 if self.distributional else 1
         obs_ex = self.example_obs().float()
         act_ex = torch.zeros(obs_ex.shape[0], self.act_dim, device=self.device)
         std_args = (cfg.log_std_min, cfg.log_std_max, str(cfg.get("log_std_mode", "tanh")))
         self.actor = self.quantize(GaussianActor(obs_dim, self.act_dim, hidden, *std_args).to(self.device), obs_ex)
-        self.critics = nn.ModuleList(self.quantize(Critic(obs_dim, self.act_dim, hidden, out).to(self.device),
-                                                   (obs_ex, act_ex)) for _ in range(n_critics))
-        self.critic_targets = nn.ModuleList(self.quantize(Critic(obs_dim, self.act_dim, hidden, out).to(self.device),
-                                                          (obs_ex, act_ex)) for _ in range(n_critics))
+
+        def critics() -> nn.Module:  # (the N Critic initialisations happen in the same order as before)
+            members = [Critic(obs_dim, self.act_dim, hidden, out).to(self.device) for _ in range(n_critics)]
+            if self.distributional:  # DSAC: separate critics
+                return nn.ModuleList(self.quantize(c, (obs_ex, act_ex)) for c in members)
+            return self.quantize(EnsembleCritic.from_critics(members), (obs_ex, act_ex))
+        self.critics = critics()
+        self.critic_targets = critics()
         self.critic_targets.load_state_dict(self.critics.state_dict())
         self.critic_targets.requires_grad_(False)
         if self.distributional:  # DSAC's target policy
@@ -345,10 +396,10 @@ class SACAgent(_SACBase):
         else:
             with torch.no_grad():
                 a2, logp2 = self.actor.sample(next_obs, self.gen)
-                y = sac_target(reward, discount, self.critic_targets[0](next_obs, a2).squeeze(-1),
-                               self.critic_targets[1](next_obs, a2).squeeze(-1), logp2, alpha)
-            qs = [c(obs, action).squeeze(-1) for c in self.critics]
-            critic_loss = sum(F.mse_loss(q, y) for q in qs)
+                q_next = self.critic_targets(next_obs, a2, self.target_members()).squeeze(-1)  # (k, B)
+                y = reward + discount * (reduce_members(q_next, self.reduction) - alpha * logp2)
+            qs = self.critics(obs, action).squeeze(-1)  # (N, B)
+            critic_loss = (qs - y).pow(2).mean(1).sum()
             info = {"q_mean": qs[0].detach().mean().item()}
         value = self.optimizer_step(critic_loss, self.critic_optimizer, self._critic_params, self.max_grad_norm)
         if not math.isfinite(value):
@@ -358,7 +409,10 @@ class SACAgent(_SACBase):
         if self.updates % self.policy_delay == 0:
             with frozen(self._critic_params):  # gradients reach the actor only
                 a, logp = self.actor.sample(obs, self.gen)
-                q_pi = torch.stack([c(obs, a)[..., 0] for c in self.critics]).min(0).values
+                if self.distributional:
+                    q_pi = torch.stack([c(obs, a)[..., 0] for c in self.critics]).min(0).values
+                else:  # SAC / SAC-N: min over all critics; REDQ and mean: the mean over all critics
+                    q_pi = reduce_members(self.critics(obs, a)[..., 0], "min" if self.reduction == "min" else "mean")
                 actor_loss = (alpha * logp - q_pi).mean()
                 actor_value = self.optimizer_step(actor_loss, self.actor_optimizer, self._actor_params,
                                                   self.max_grad_norm)
@@ -372,6 +426,13 @@ class SACAgent(_SACBase):
         if not self.distributional:
             polyak(self.critic_targets, self.critics, self.tau)
         return UpdateOut(metrics=metrics)
+
+    def target_members(self) -> torch.Tensor | None:
+        """The target critics this update reduces over: all (None), or REDQ's random subset of M."""
+        if self.reduction != "redq" or self.redq_m == self.n_critics:
+            return None
+        idx = np.sort(self.rng.choice(self.n_critics, size=self.redq_m, replace=False))
+        return torch.as_tensor(idx, device=self.device)
 
     def _sample_q(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(mean, σ, sample mean + clamp(ε, -3, 3) σ) of a distributional critic's output."""

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rlq.quant.layers import QUANT_LAYERS, SWAPS, QuantConv2d
+from rlq.quant.layers import QUANT_ENSEMBLE_LAYERS, QUANT_LAYERS, SWAPS, QuantConv2d
 from rlq.quant.quantizers import ACT_MODES, WEIGHT_MODES, ActQuantizer, WeightQuantizer
 
 CALIBRATION_METHODS = ("minmax", "percentile", "mse")
@@ -333,6 +333,9 @@ def integer_layer(layer: nn.Module) -> IntegerLayer:
     """Integer weights, scales and zero point of a fake-quant layer (quantization must be on)."""
     if not isinstance(layer, QUANT_LAYERS):
         raise TypeError(f"integer_layer() needs a quant layer, got {type(layer).__name__}")
+    if isinstance(layer, QUANT_ENSEMBLE_LAYERS):
+        raise ValueError(f"integer_layer(): a {type(layer).__name__} holds {layer.n} layers (an ensemble); export "
+                         "folds a Q-ensemble into one network first (rlq.export)")
     if not layer.quant_enabled:
         raise ValueError("integer_layer(): quantization is off for this layer (enable it or calibrate first)")
     w = layer.quant_weight()

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rlq.nets.ensemble import EnsembleConv2d, EnsembleLinear
 from rlq.nets.noisy import NoisyLinear
 from rlq.quant.functions import quant_linear
 from rlq.quant.quantizers import ActQuantizer, WeightQuantizer
@@ -95,7 +96,32 @@ class QuantNoisyLinear(_QuantMixin, NoisyLinear):
         return F.linear(x, w, self.bias_mu)
 
 
-QUANT_LAYERS = (QuantLinear, QuantConv2d, QuantNoisyLinear)
+class _QuantEnsembleMixin(_QuantMixin):
+    """Ensemble layers (``rlq.nets.ensemble``): per-member per-output-channel weight scales (the stacked
+    ``(n, out, ...)`` weight is quantized as ``n * out`` channels) and one activation range per layer input,
+    shared by the members (the input of a first layer is the same observation for all of them)."""
+
+    def quant_weight(self) -> torch.Tensor:
+        return self.weight.flatten(0, 1)
+
+    def ensemble_weight(self) -> torch.Tensor:
+        return self.wq(self.quant_weight()).view_as(self.weight)
+
+    def ensemble_input(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x)
+
+
+class QuantEnsembleLinear(_QuantEnsembleMixin, EnsembleLinear):
+    """``EnsembleLinear`` with fake-quantized input and weights."""
+
+
+class QuantEnsembleConv2d(_QuantEnsembleMixin, EnsembleConv2d):
+    """``EnsembleConv2d`` with fake-quantized input and weights."""
+
+
+QUANT_LAYERS = (QuantLinear, QuantConv2d, QuantNoisyLinear, QuantEnsembleLinear, QuantEnsembleConv2d)
+QUANT_ENSEMBLE_LAYERS = (QuantEnsembleLinear, QuantEnsembleConv2d)
 # float layer type -> its fake-quant subclass (most specific first: NoisyLinear is not an nn.Linear)
 SWAPS: tuple[tuple[type[nn.Module], type[nn.Module]], ...] = (
-    (NoisyLinear, QuantNoisyLinear), (nn.Linear, QuantLinear), (nn.Conv2d, QuantConv2d))
+    (NoisyLinear, QuantNoisyLinear), (nn.Linear, QuantLinear), (nn.Conv2d, QuantConv2d),
+    (EnsembleLinear, QuantEnsembleLinear), (EnsembleConv2d, QuantEnsembleConv2d))
