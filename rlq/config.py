@@ -148,6 +148,17 @@ def validate(cfg: DictConfig) -> None:
         _num(cfg, "agent.policy_delay", int, 1)
     if "target_entropy_scale" in a:
         _num(cfg, "agent.target_entropy_scale", float, 0, 1)
+    if "max_speed" in a:  # EauDeQN (agent=eaudeqn)
+        _num(cfg, "agent.n_networks", int, 2)
+        _num(cfg, "agent.max_speed", float, 0, 1, lo_open=True)
+        if a.get("prune_scope") not in ("layer", "global"):
+            raise ConfigError(f"agent.prune_scope={a.get('prune_scope')!r} is not a pruning scope: choose layer or global")
+        if a.get("tau", 1.0) < 1.0:
+            raise ConfigError(f"agent.tau={a.tau}: {a.name} needs hard target copies (tau=1.0): the target is the "
+                              "online network selected at each copy")
+        if a.get("noisy", False):
+            raise ConfigError(f"agent.noisy=true is not supported by {a.name} (it prunes Linear/Conv2d weights, "
+                              "NoisyLinear is neither): use agent.noisy=false")
     for key in ("n_members", "n_critics"):  # Q-ensembles (agent=qensemble; the SAC critics)
         if key in a:
             _num(cfg, f"agent.{key}", int, 1)

@@ -24,6 +24,10 @@ evaluates under sticky actions); ``record_video=true`` writes each evaluated epi
 ``video_dir`` (default ``<run dir>/videos/``, beside a policy file for ``policy=``), at most
 ``video_episodes`` of them per run. ``json=true`` prints one JSON object: a single run's result, or
 ``{"runs": [...], "aggregate": {...}}``.
+
+For a checkpoint, the policy network's sparsity (the zero fraction of each Linear/Conv2d weight matrix and
+overall, biases not counted) is printed when it is nonzero (EauDeQN's pruned networks) and is always in the
+JSON result (``"sparsity"``).
 """
 from __future__ import annotations
 
@@ -311,7 +315,18 @@ def evaluate_checkpoint(checkpoint: str, episodes: int = 10, seed: int = 0, epsi
             "returns": returns.tolist(), "lengths": lengths.tolist(), "mean": float(returns.mean()),
             "std": float(returns.std()), "iqm": iqm(returns), "agent": str(agent.config.agent.name),
             "quant": str(OmegaConf.select(agent.config, "quant.name", default="none")),
-            "videos": list(getattr(env, "videos", []))}
+            "sparsity": policy_sparsity(agent), "videos": list(getattr(env, "videos", []))}
+
+
+def policy_sparsity(agent) -> dict[str, Any]:
+    """The policy network's sparsity, measured from its weights (``rlq.nets.sparse.sparsity_report``: the zero
+    fraction of each Linear/Conv2d weight and overall; biases not counted). Every agent gets it, EauDeQN's pruned
+    networks and dense ones alike (a dense network's is 0: the printout leaves it out)."""
+    from rlq.nets.sparse import sparsity_report
+
+    rep = sparsity_report(agent.policy_net())
+    return {"overall": rep["overall"], "layers": {k.removesuffix(".weight"): v for k, v in rep["layers"].items()},
+            "params": rep["params"], "nonzero": rep["nonzero"]}
 
 
 # -- other inputs: policy files, globs of runs -------------------------------------------------------------
@@ -471,6 +486,10 @@ def _print_run(res: dict[str, Any]) -> None:
         print(f"  episode {i:3d}: return {r:10.2f}  length {l}")
     print(f"return {res['mean']:.2f} ± {res['std']:.2f} (mean ± std over {res['episodes']} episodes), "
           f"IQM {res['iqm']:.2f}")
+    sp = res.get("sparsity")
+    if sp and sp["overall"] > 0:  # a dense policy (every weight nonzero) prints nothing here
+        layers = ", ".join(f"{name} {v:.1%}" for name, v in sp["layers"].items())
+        print(f"policy sparsity {sp['overall']:.1%} ({sp['nonzero']} of {sp['params']} weights nonzero; {layers})")
     for v in res.get("videos") or []:
         print(f"  video {v}")
     sys.stdout.flush()

@@ -26,7 +26,7 @@ print(json.dumps(out))
 
 CASES = [  # (arguments, text the one error line must contain)
     # unknown names
-    (["agent=nope"], "unknown agent 'nope': choose one of double_dqn, dqn, dsac, dueling_dqn, rainbow, sac, sac_discrete"),
+    (["agent=nope"], "unknown agent 'nope': choose one of double_dqn, dqn, dsac, dueling_dqn, eaudeqn"),
     (["env=NoSuchEnv"], "unknown env 'NoSuchEnv': use a short name (CartPole"),
     (["quant=int3"], "unknown quant 'int3': choose one of none, w2a8, w4a8, w8a8"),
     (["hydra/launcher=nope"], "unknown hydra/launcher 'nope': choose one of basic, joblib"),
@@ -89,6 +89,12 @@ CASES = [  # (arguments, text the one error line must contain)
     (["agent=sac", "env=Pendulum", "agent.critic_lr=0"], "agent.critic_lr=0 is out of range: must be > 0"),
     (["agent=sac_discrete", "agent.target_entropy_scale=2"], "agent.target_entropy_scale=2 is out of range: must be "
                                                              "<= 1"),
+    (["agent=eaudeqn", "agent.n_networks=1"], "agent.n_networks=1 is out of range: must be >= 2"),
+    (["agent=eaudeqn", "agent.max_speed=0"], "agent.max_speed=0 is out of range: must be > 0 and <= 1"),
+    (["agent=eaudeqn", "agent.prune_scope=row"], "agent.prune_scope='row' is not a pruning scope: choose layer or global"),
+    (["agent=eaudeqn", "agent.tau=0.005"], "agent.tau=0.005: eaudeqn needs hard target copies (tau=1.0)"),
+    (["agent=eaudeqn", "agent.noisy=true"], "agent.noisy=true is not supported by eaudeqn"),
+    (["agent=eaudeqn", "env=Pendulum"], "agent 'eaudeqn' needs a discrete action space, got Box("),
     (["resume=does/not/exist"], "resume='does/not/exist' is not an rlq run directory (no config.yaml)"),
     # places that cannot be written
     (["run_dir=/proc/rlq-test-run"], "run_dir=/proc/rlq-test-run: cannot write there (/proc"),
