@@ -172,6 +172,10 @@ def validate(cfg: DictConfig) -> None:
             if a.redq_m > a.get(n_key, 2):
                 raise ConfigError(f"agent.redq_m={a.redq_m} is out of range: REDQ's subset needs 1 <= redq_m <= "
                                   f"agent.{n_key}={a.get(n_key, 2)}")
+    if OmegaConf.select(cfg, "offline.dataset") is not None:
+        from rlq.offline import check_offline_config
+
+        check_offline_config(cfg)
     if "variant" in a and a.variant not in ("t", "v1"):
         raise ConfigError(f"agent.variant={a.variant!r} is not a DSAC variant: choose t (DSAC-T) or v1 (DSAC)")
     if "log_std_mode" in a and a.log_std_mode not in ("tanh", "clamp"):

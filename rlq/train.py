@@ -423,6 +423,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         saved_agent = ckpt["config"]["agent"]["name"]
         if saved_agent != cfg.agent.name:
             raise ConfigError(f"resume: checkpoint agent {saved_agent!r} differs from config agent {cfg.agent.name!r}")
+    if OmegaConf.select(cfg, "offline.dataset") is not None:  # offline RL: batches from a dataset file
+        from rlq.offline import OfflineTrainer as Trainer  # noqa: F811
     try:  # building envs, agent and buffer validates the combination (e.g. an MLP encoder on Atari)
         trainer = Trainer(cfg, run_dir, resume_from=ckpt)
     except (ValueError, TypeError, ImportError) as e:
@@ -437,8 +439,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         trainer.close()
     ev = summary["eval"]
     ev_txt = f", eval return {ev['return_mean']:.2f} ± {ev['return_std']:.2f}" if ev else ""
-    print(f"done: {summary['step']} steps in {summary['wall_s']:.0f}s ({summary['sps']:.0f} steps/s){ev_txt}; "
-          f"run directory {run_dir}")
+    rate = (f"{summary['step']} updates in {summary['wall_s']:.0f}s ({summary['updates_per_s']:.0f} updates/s)"
+            if OmegaConf.select(cfg, "offline.dataset") is not None else
+            f"{summary['step']} steps in {summary['wall_s']:.0f}s ({summary['sps']:.0f} steps/s)")
+    print(f"done: {rate}{ev_txt}; run directory {run_dir}")
     return summary
 
 
