@@ -217,6 +217,100 @@ def test_weight_cache_is_invalidated_by_optimizer_steps():
     assert not torch.equal(before, after)
 
 
+# -- the fused training forward ------------------------------------------------------------------------
+FUSED_CASES = [("ema", "max", 8), ("ema", "lsq", 4), ("lsq", "lsq", 2), ("pact", "quest", 4), ("ema", "max", 1),
+               ("lsq", "lsq", 1), ("pact", "max", 8), ("ema", "quest", 2)]
+
+
+def _composed(layer, x):
+    """What a quant layer computes without its fused node: op(act(x), wq(W)) through the single-quantizer
+    autograd Functions."""
+    if isinstance(layer, QuantConv2d):
+        return layer._conv_forward(layer.act(x), layer.wq(layer.weight), layer.bias)
+    return torch.nn.functional.linear(layer.act(x), layer.wq(layer.weight), layer.bias)
+
+
+@pytest.mark.parametrize("conv", [False, True])
+@pytest.mark.parametrize("act_mode,weight_mode,bits", FUSED_CASES)
+def test_fused_training_forward_equals_the_composed_quantizers(act_mode, weight_mode, bits, conv):
+    """Same outputs (bit for bit) and gradients for x, W, b and the learned ranges, on signed and ReLU
+    inputs, with batches inside and outside the EMA range (clipped and unclipped grids)."""
+    import copy
+    torch.manual_seed(0)
+    if conv:
+        layer = QuantConv2d(3, 5, 3, weight_bits=bits, act_bits=8, padding=1, stride=2,
+                            quant_kw=dict(weight_mode=weight_mode, act_mode=act_mode))
+        shape = (6, 3, 9, 9)
+    else:
+        layer = QuantLinear(7, 5, weight_bits=bits, act_bits=8, weight_mode=weight_mode, act_mode=act_mode)
+        shape = (6, 7)
+    for signed in (True, False):
+        fused = copy.deepcopy(layer)
+        comp = copy.deepcopy(layer)
+        first = torch.randn(shape) if signed else torch.randn(shape).abs()
+        for m in (fused, comp):
+            m(first)  # the observer sees data first
+            m.set_quant_enabled(True)
+        for scale in (1.0, 0.5, 3.0):  # 3x the observed range: the EMA grid clips
+            x = torch.randn(shape) * scale
+            x = x if signed else x.relu()
+            xf, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+            yf, yc = fused(xf), _composed(comp, xc)
+            assert fused.act.max_val == comp.act.max_val  # both observed the batch
+            assert torch.equal(yf, yc)
+            g = torch.randn_like(yf)
+            yf.backward(g)
+            yc.backward(g)
+            assert torch.allclose(xf.grad, xc.grad, rtol=1e-5, atol=1e-6)
+            for (name, pf), (_, pc) in zip(fused.named_parameters(), comp.named_parameters()):
+                if pc.grad is None:
+                    assert pf.grad is None or not pf.grad.any(), name
+                else:
+                    assert torch.allclose(pf.grad, pc.grad, rtol=1e-5, atol=1e-6), name
+            for m in (fused, comp):
+                m.zero_grad()
+    assert yf.grad_fn is not None and "QuantLayerFn" in type(yf.grad_fn).__name__
+
+
+def test_target_network_weights_are_quantized_once_per_target_update():
+    from unittest import mock
+    calls = []
+    real = WeightQuantizer._quant_nograd
+
+    def counting(self, w):
+        calls.append(id(self))
+        return real(self, w)
+    agent = _agent("w4a8", target_update_period=4, double=True)
+    agent.start_quantization()
+    agent.update(_batch())
+    target_ids = {id(m.wq) for m in quant_layers(agent.target)}
+    with mock.patch.object(WeightQuantizer, "_quant_nograd", counting):
+        for _ in range(8):  # updates 2..9: hard copies after updates 4 and 8
+            agent.update(_batch())
+    # the target quantizes its 3 layers again only after each copy (2 copies); Double DQN's online
+    # argmax reuses the weights of the training forward (no online call)
+    assert sum(c in target_ids for c in calls) == 3 * 2 and len(calls) == 6
+    obs = torch.randn(64, 4)
+    with torch.no_grad():  # a hard copy (load_state_dict bumps the versions) makes it the online net, bit for bit
+        stale = agent.target(obs)
+        agent.target.load_state_dict(agent.online.state_dict())
+        assert torch.equal(agent.target(obs), agent.online(obs)) and not torch.equal(stale, agent.online(obs))
+
+
+def test_polyak_target_updates_refresh_the_cached_weights():
+    agent = _agent("w8a8", tau=0.3)
+    agent.start_quantization()
+    obs = torch.randn(64, 4)
+    for _ in range(3):
+        agent.update(_batch())
+        with torch.no_grad():
+            got = agent.target(obs)
+            fresh = QNetwork(MLPEncoder(4, (256, 256)), QHead(256, 2))
+            quantize_(fresh, W8, obs)
+            fresh.load_state_dict(agent.target.state_dict())
+            assert torch.equal(got, fresh(obs))
+
+
 # -- integer equivalence --------------------------------------------------------------------------------
 def _integer_forward(layers, x: np.ndarray, relu_between=True, flatten_after: int | None = None):
     """Run the integer reference layer by layer; returns the last layer's float output and the codes."""

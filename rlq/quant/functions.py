@@ -7,15 +7,83 @@ scale (not multiplication by its inverse), so that the integer deployment can re
     q     = clamp(round(x / s) + z, q_min, q_max)          # the integer code
     x_hat = (q - z) * s                                     # what the network computes with
 
-``s`` and ``z`` broadcast against ``x`` (a scalar per tensor, or (C, 1, ...) per output channel). Each
-function is a single ``autograd.Function``: fewer autograd nodes than composing round/clamp/STE ops,
-which matters for the tiny networks of RL (see ``experiments/bench_qat.py``).
+``s`` and ``z`` broadcast against ``x`` (a scalar per tensor, or (C, 1, ...) per output channel).
+
+Each estimator is written once, as a forward function (``*_fwd``: the fake-quant values and what its
+backward needs) and a backward function (``*_bwd``). The single-quantizer autograd Functions below
+(``fake_quant``, ``lsq_quant``, ``pact_quant``, ``trust_quant``) and the fused layer Function
+(:class:`QuantLayerFn`: input quantizer + weight quantizer + matmul/convolution in one autograd node,
+used by :class:`rlq.quant.QuantLinear` / :class:`rlq.quant.QuantConv2d` for their training forward)
+call the same pieces, so the fused path computes exactly what the composed one does, with fewer
+elementwise passes and far less per-op overhead (which is what QAT costs on the small networks of RL;
+see ``experiments/bench_qat.py``).
 """
 from __future__ import annotations
 
 import torch
 
+# clip levels of the fixed-grid quantizer (``grid_fwd``)
+NO_CLIP = 0     # the caller knows no value can leave the grid: no clamp, no mask (max-based weight scales)
+CLAMP = 1       # clamp to the grid; no gradient mask needed
+CLAMP_MASK = 2  # clamp and return the clipped-STE mask
 
+
+# -- the estimators, forward and backward ------------------------------------------------------------
+def grid_fwd(x: torch.Tensor, s, lo: float, hi: float, clip: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fixed grid: ``clamp(round(x / s), lo, hi) * s`` (lo = q_min - z, hi = q_max - z) and, with
+    ``clip=CLAMP_MASK``, the clipped-STE mask (where ``round(x / s)`` lies inside [lo, hi])."""
+    q = (x / s).round_()  # (in place: one allocation, not two, per quantized tensor)
+    if clip == NO_CLIP:
+        return q.mul_(s), None
+    if clip == CLAMP:
+        return q.clamp_(lo, hi).mul_(s), None
+    c = q.clamp(lo, hi)
+    mask = c == q
+    return c.mul_(s), mask
+
+
+def lsq_fwd(x: torch.Tensor, s: torch.Tensor, lo: float, hi: float
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LSQ forward: ``(s * clamp(round(x / s), lo, hi), inside, d x_hat / d s)`` with inside = lo <= x/s <= hi
+    and d x_hat / d s = round(x/s) - x/s inside, the bound outside. (``round(clamp(v)) == clamp(round(v))``
+    for integer bounds; ``clamp(v) == v`` is ``lo <= v <= hi``.)"""
+    v = x / s
+    vc = v.clamp(lo, hi)
+    inside = vc == v
+    q = vc.round_()
+    # d x_hat / d s written over v: -(v - q) is exactly q - v
+    return q * s, inside, torch.where(inside, v.sub_(q).neg_(), q, out=v)
+
+
+def lsq_bwd(grad: torch.Tensor, inside: torch.Tensor, ds: torch.Tensor, s_shape: torch.Size, grad_scale: float,
+            inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """LSQ backward: (d/dx, d/ds summed to the step's shape and multiplied by ``grad_scale``).
+    ``inplace``: ``grad`` is the caller's own tensor; the input gradient is written over it."""
+    gs = (grad * ds).sum_to_size(s_shape) * grad_scale
+    return (grad.mul_(inside) if inplace else grad * inside), gs
+
+
+def pact_fwd(x: torch.Tensor, alpha: torch.Tensor, levels: float
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PACT forward: ``(round(clamp(x, 0, alpha) / (alpha / levels)) * alpha / levels, inside, above)``."""
+    scale = alpha / levels
+    q = torch.round(x / scale).clamp_(0.0, levels)
+    return q * scale, (x >= 0) & (x <= alpha), x >= alpha
+
+
+def pact_bwd(grad: torch.Tensor, inside: torch.Tensor, above: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return grad * inside, (grad * above).sum().reshape(1)
+
+
+def trust_fwd(x: torch.Tensor, s: torch.Tensor, zero_point, q_min: float, q_max: float, trust
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed grid with QuEST's trust mask: gradient only where ``|x_hat - x| <= trust``."""
+    q = (torch.round(x / s) + zero_point).clamp_(q_min, q_max)
+    out = (q - zero_point) * s
+    return out, (out - x).abs() <= trust
+
+
+# -- single-quantizer autograd Functions --------------------------------------------------------------
 class _FakeQuantSTE(torch.autograd.Function):
     """Fixed grid, clipped straight-through estimator (Bengio et al. 2013): the gradient passes where
     ``round(x / s) + z`` lies inside [q_min, q_max] and is 0 where the value was clamped.
@@ -23,17 +91,14 @@ class _FakeQuantSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, zero_point: float, q_min: float, q_max: float, clip_grad: bool):
-        q = torch.round(x / scale)
-        c = q.clamp(q_min - zero_point, q_max - zero_point)
-        ctx.clip_grad = clip_grad
-        if clip_grad:
-            ctx.save_for_backward(c == q)
-        return c * scale
+        out, inside = grid_fwd(x, scale, q_min - zero_point, q_max - zero_point, CLAMP_MASK if clip_grad else CLAMP)
+        ctx.save_for_backward(inside)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        if ctx.clip_grad:
-            (inside,) = ctx.saved_tensors
+        (inside,) = ctx.saved_tensors
+        if inside is not None:
             grad = grad * inside
         return grad, None, None, None, None, None
 
@@ -45,7 +110,7 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor | float, zero_point: float, 
     if not (torch.is_grad_enabled() and (x.requires_grad or torch.is_tensor(scale) and scale.requires_grad)):
         # no autograd graph (target network, acting): three in-place ops, no autograd.Function overhead
         z = float(zero_point)
-        return torch.round(x / scale).clamp_(q_min - z, q_max - z).mul_(scale)
+        return grid_fwd(x, scale, q_min - z, q_max - z, CLAMP)[0]
     return _FakeQuantSTE.apply(x, scale, float(zero_point), float(q_min), float(q_max), bool(clip_grad))
 
 
@@ -56,9 +121,8 @@ class _TrustQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, q_min: float, q_max: float, trust):
-        q = (torch.round(x / scale) + zero_point).clamp_(q_min, q_max)
-        out = (q - zero_point) * scale
-        ctx.save_for_backward((out - x).abs() <= trust)
+        out, keep = trust_fwd(x, scale, zero_point, q_min, q_max, trust)
+        ctx.save_for_backward(keep)
         return out
 
     @staticmethod
@@ -83,18 +147,16 @@ class _LSQ(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, s, lo: float, hi: float, grad_scale: float):
-        v = x / s
-        q = torch.round(v).clamp_(lo, hi)
-        inside = (v >= lo) & (v <= hi)
-        ctx.save_for_backward(inside, torch.where(inside, q - v, q))
+        out, inside, ds = lsq_fwd(x, s, lo, hi)
+        ctx.save_for_backward(inside, ds)
         ctx.s_shape, ctx.grad_scale = s.shape, grad_scale
-        return q * s
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         inside, ds = ctx.saved_tensors
-        grad_s = (grad * ds).sum_to_size(ctx.s_shape) * ctx.grad_scale
-        return grad * inside, grad_s, None, None, None
+        gx, gs = lsq_bwd(grad, inside, ds, ctx.s_shape, ctx.grad_scale)
+        return gx, gs, None, None, None
 
 
 def lsq_quant(x: torch.Tensor, step: torch.Tensor, lo: int, hi: int, grad_scale: float) -> torch.Tensor:
@@ -109,15 +171,15 @@ class _PACT(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, alpha, levels: float):
-        scale = alpha / levels
-        q = torch.round(x / scale).clamp_(0.0, levels)
-        ctx.save_for_backward((x >= 0) & (x <= alpha), x >= alpha)
-        return q * scale
+        out, inside, above = pact_fwd(x, alpha, levels)
+        ctx.save_for_backward(inside, above)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         inside, above = ctx.saved_tensors
-        return grad * inside, (grad * above).sum().reshape(1), None
+        gx, ga = pact_bwd(grad, inside, above)
+        return gx, ga, None
 
 
 def pact_quant(x: torch.Tensor, alpha: torch.Tensor, bits: int) -> torch.Tensor:
@@ -125,39 +187,46 @@ def pact_quant(x: torch.Tensor, alpha: torch.Tensor, bits: int) -> torch.Tensor:
     return _PACT.apply(x, alpha, float(2 ** bits - 1))
 
 
-class _QuantLinearFn(torch.autograd.Function):
-    """A whole fake-quant linear layer in one autograd node, for the common case of a fixed input grid
-    (EMA range) and max-based weight scales: ``y = (clamp(round(x / s_x), -z, q_max - z) s_x)
-    (round(W / s_w) s_w)^T + b``. Gradients: clipped STE for x, plain STE for W (never clipped).
-    Computes exactly what the composed quantizers compute, with far fewer autograd nodes."""
+# -- the fused layer ------------------------------------------------------------------------------------
+class QuantLayerFn(torch.autograd.Function):
+    """A whole fake-quant layer's training forward in one autograd node:
+    ``y = op(act(x), wq(W)) + b`` with ``op`` the layer's matmul or convolution.
+
+    ``layer`` is the :class:`rlq.quant.QuantLinear` / :class:`rlq.quant.QuantConv2d` itself: its input
+    quantizer's ``train_fwd`` / ``train_bwd`` and its weight quantizer's ``train_fwd`` / ``train_bwd``
+    provide the estimators (the same ``*_fwd`` / ``*_bwd`` functions as the single-quantizer
+    Functions), its ``op_fwd`` / ``op_bwd`` the matmul or convolution and their gradients.
+    ``a_param`` / ``w_param``: the learned input range (LSQ step, PACT alpha) and the weight scale tensor
+    (LSQ: the learned steps, so they get gradients), or None; ``a_info``: the input quantizer's
+    parameters for this batch (from ``ActQuantizer.train_info``). The fake-quant weights are handed to
+    the weight quantizer's cache (``remember``) for the no-grad forwards that follow before the next
+    optimizer step.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, s_x: float, z_x: float, q_max_x: float, s_w):
-        q = torch.round(x / s_x)
-        c = q.clamp(-z_x, q_max_x - z_x)
-        inside = c == q
-        xq = c.mul_(s_x)
-        wq = torch.round(weight / s_w).mul_(s_w)
-        ctx.save_for_backward(xq, wq, inside)
-        ctx.has_bias = bias is not None
-        ctx.mark_non_differentiable(wq)
-        y = torch.addmm(bias, xq, wq.t()) if bias is not None else xq @ wq.t()
-        return y, wq
+    def forward(ctx, x, weight, bias, a_param, w_param, layer, a_info):
+        need_x, need_w, _, need_a, need_s = ctx.needs_input_grad[:5]
+        xq, a_saved = layer.act.train_fwd(x, a_param, a_info, need_x or need_a)
+        wq, w_saved = layer.wq.train_fwd(weight, w_param, need_w or need_s)
+        layer.wq.remember(weight, wq)
+        ctx.layer, ctx.has_bias, ctx.n_a, ctx.a_info = layer, bias is not None, len(a_saved), a_info
+        ctx.w_shape = None if w_param is None else w_param.shape
+        ctx.save_for_backward(xq, wq, *a_saved, *w_saved)
+        return layer.op_fwd(xq, wq, bias)
 
     @staticmethod
-    def backward(ctx, grad, _grad_wq):
-        xq, wq, inside = ctx.saved_tensors
-        gx = (grad @ wq).mul_(inside) if ctx.needs_input_grad[0] else None
-        gw = grad.t() @ xq if ctx.needs_input_grad[1] else None
-        gb = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return gx, gw, gb, None, None, None, None
-
-
-def quant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, s_x: float, z_x: float,
-                 q_max_x: int, s_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused fake-quant linear layer (2-d input; see :class:`_QuantLinearFn`): (output, fake-quant
-    weights, the latter without gradient)."""
-    return _QuantLinearFn.apply(x, weight, bias, float(s_x), float(z_x), float(q_max_x), s_w)
+    def backward(ctx, grad):
+        need_x, need_w, need_b, need_a, need_s = ctx.needs_input_grad[:5]
+        xq, wq, *saved = ctx.saved_tensors
+        n_a, layer = ctx.n_a, ctx.layer
+        g_xq, g_wq, gb = layer.op_bwd(grad, xq, wq, need_x or need_a, need_w or need_s, need_b and ctx.has_bias)
+        gx = ga = gw = gs = None
+        if g_xq is not None:
+            gx, ga = layer.act.train_bwd(g_xq, saved[:n_a], ctx.a_info)
+        if g_wq is not None:
+            gw, gs = layer.wq.train_bwd(g_wq, saved[n_a:], ctx.w_shape)
+        return (gx if need_x else None, gw if need_w else None, gb, ga if need_a else None,
+                gs if need_s else None, None, None)
 
 
 # MSE-optimal clipping of a unit Gaussian for b bits (QuEST's OPTIMAL_GAUSSIAN_SCALES): clip at alpha_b * RMS

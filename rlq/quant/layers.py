@@ -6,6 +6,12 @@ same objects (optimizers keep working), their state-dict keys do not change, and
 Forward (when enabled): ``y = op(act(x), wq(W)) + b`` -- the input and the weights are fake-quantized,
 the bias and the output stay in float (the integer deployment dequantizes the int32 accumulator,
 ``y = float(acc) * (s_x * s_w[c]) + b[c]``). Activation functions stay outside the layer.
+
+Hot paths. The training forward of ``QuantLinear`` (2-d inputs) and ``QuantConv2d`` is one autograd node
+(:class:`rlq.quant.functions.QuantLayerFn`: input and weight quantizers, matmul or convolution, and
+their gradients), with the same values and gradients as the composed path. Forwards without autograd
+(target networks, acting) reuse the weight quantizer's cached fake-quant weights while the weights are
+unchanged (see ``WeightQuantizer``), so a target network's weights are quantized once per target update.
 """
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ from torch import nn
 
 from rlq.nets.ensemble import EnsembleConv2d, EnsembleLinear
 from rlq.nets.noisy import NoisyLinear
-from rlq.quant.functions import quant_linear
+from rlq.quant.functions import QuantLayerFn
 from rlq.quant.quantizers import ActQuantizer, WeightQuantizer
 
 
@@ -46,6 +52,20 @@ class _QuantMixin:
     def quant_enabled(self) -> bool:
         return self.wq.enabled
 
+    def _train_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The fused training forward (None: use the composed path). Frozen weights (e.g. critics held
+        fixed during an actor loss) take their cached fake-quant copy instead."""
+        act, wq, w = self.act, self.wq, self.weight
+        if not (act.enabled and wq.enabled) or torch.is_autocast_enabled(x.device.type):
+            return None
+        if not w.requires_grad and (wq.step is None or not wq.step.requires_grad):
+            with torch.no_grad():
+                w_hat = wq.forward(w)
+            return self.op_fwd(act.forward(x), w_hat, self.bias)
+        info = act.train_info(x)
+        # (the fake-quant weights are cached: the next no-grad forward, e.g. Double DQN's argmax, reuses them)
+        return QuantLayerFn.apply(x, w, self.bias, act.train_param(), wq.train_param(w), self, info)
+
 
 class QuantLinear(_QuantMixin, nn.Linear):
     """``nn.Linear`` with fake-quantized input and weights."""
@@ -57,15 +77,21 @@ class QuantLinear(_QuantMixin, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         act, wq = self.act, self.wq
-        if (wq.enabled and torch.is_grad_enabled() and x.dim() == 2 and act.initialized
-                and act.effective_mode == "ema" and wq.mode == "max" and wq.bits > 1):
-            # training forward of the default config: one fused autograd node (same numbers)
+        if not (act.enabled or wq.enabled):  # before quant.start_step: a float layer; the observer observes
             act.observe_if_training(x)
-            s_x, z_x = act.qparams()
-            y, w_hat = quant_linear(x, self.weight, self.bias, s_x, z_x, act.q_max, wq.scale(self.weight))
-            wq.remember(self.weight, w_hat)  # the next no-grad forward (e.g. Double DQN's argmax) reuses it
-            return y
-        return F.linear(act(x), wq(self.weight), self.bias)
+            return F.linear(x, self.weight, self.bias)
+        if torch.is_grad_enabled() and x.dim() == 2:
+            y = self._train_forward(x)
+            if y is not None:
+                return y
+        # (the quantizers' forward called directly: Module.__call__ costs microseconds on this path)
+        return F.linear(act.forward(x), wq.forward(self.weight), self.bias)
+
+    def op_fwd(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, w, b)
+
+    def op_bwd(self, g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, need_x: bool, need_w: bool, need_b: bool):
+        return g @ w if need_x else None, g.t() @ x if need_w else None, g.sum(0) if need_b else None
 
 
 class QuantConv2d(_QuantMixin, nn.Conv2d):
@@ -77,7 +103,23 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
         self._init_quant(weight_bits, act_bits, **(quant_kw or {}))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.act(x), self.wq(self.weight), self.bias)
+        act, wq = self.act, self.wq
+        if not (act.enabled or wq.enabled):  # before quant.start_step: a float layer; the observer observes
+            act.observe_if_training(x)
+            return self._conv_forward(x, self.weight, self.bias)
+        if torch.is_grad_enabled() and self.padding_mode == "zeros" and not isinstance(self.padding, str):
+            y = self._train_forward(x)
+            if y is not None:
+                return y
+        return self._conv_forward(act.forward(x), wq.forward(self.weight), self.bias)
+
+    def op_fwd(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def op_bwd(self, g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, need_x: bool, need_w: bool, need_b: bool):
+        return torch.ops.aten.convolution_backward(g, x, w, [w.shape[0]] if need_b else None, self.stride,
+                                                   self.padding, self.dilation, False, [0, 0], self.groups,
+                                                   [need_x, need_w, need_b])
 
 
 class QuantNoisyLinear(_QuantMixin, NoisyLinear):

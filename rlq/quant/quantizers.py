@@ -38,7 +38,8 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from rlq.quant.functions import GAUSSIAN_MSE_CLIP, fake_quant, lsq_quant, pact_quant, trust_quant
+from rlq.quant.functions import (CLAMP, CLAMP_MASK, GAUSSIAN_MSE_CLIP, NO_CLIP, fake_quant, grid_fwd, lsq_bwd,
+                                 lsq_fwd, lsq_quant, pact_bwd, pact_fwd, pact_quant, trust_fwd, trust_quant)
 
 WEIGHT_MODES = ("max", "lsq", "quest")
 ACT_MODES = ("ema", "lsq", "pact")
@@ -46,8 +47,11 @@ _EPS = 1e-8
 
 
 # Cache generation: bumped after every optimizer step anywhere. Fused optimizers (Adam(fused=True))
-# update parameters without bumping their version counters, so a cached fake-quant weight is only
-# reused while both the version and this generation are unchanged.
+# update parameters without bumping their version counters, so a cached fake-quant weight of a trained
+# parameter is only reused while both its version and this generation are unchanged. Parameters that do
+# not require gradients (target networks, acting copies) change only through in-place copies
+# (``load_state_dict``, Polyak's ``_foreach_lerp_``), which bump the version: their cache outlives
+# optimizer steps, so a target network's weights are fake-quantized once per target update.
 _GENERATION = [0]
 
 
@@ -69,9 +73,18 @@ def f32(v: float) -> float:
 
 
 class _StateMixin:
-    """Flags and statistics as Python attributes, saved through ``get_extra_state``."""
+    """Flags and statistics as Python attributes, saved through ``get_extra_state``. They are set with
+    ``object.__setattr__`` (``nn.Module.__setattr__`` costs several microseconds per assignment, and the
+    observer assigns three numbers per training forward)."""
 
     _STATE: tuple[str, ...] = ()
+    _PLAIN: frozenset[str] = frozenset()  # _STATE plus other plain attributes set on the hot path
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in self._PLAIN:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     def get_extra_state(self) -> dict:
         return {k: getattr(self, k) for k in self._STATE}
@@ -86,6 +99,7 @@ class WeightQuantizer(_StateMixin, nn.Module):
     """Per-output-channel symmetric fake quantization of a weight tensor (dim 0 = output channels)."""
 
     _STATE = ("enabled", "initialized")
+    _PLAIN = frozenset(_STATE + ("_cache",))
 
     def __init__(self, bits: int, mode: str = "max", channels: int = 1, trust: float = 1.0):
         super().__init__()
@@ -110,11 +124,16 @@ class WeightQuantizer(_StateMixin, nn.Module):
         """Per-channel scale, shaped to broadcast against ``w`` (detached for max/quest)."""
         if self.mode == "lsq":
             return self.step.abs().clamp_min(_EPS).reshape(self._shape(w))
+        if self.bits > 1 and self.mode == "max":  # the default: max |w| per channel, no reshapes
+            w, dims = (w.detach() if w.requires_grad else w), tuple(range(1, w.dim()))
+            if w.numel() >= 1 << 16:  # large: max and -min read w twice but allocate nothing (2x faster)
+                amax = torch.maximum(w.amax(dims, keepdim=True), w.amin(dims, keepdim=True).neg_())
+            else:  # (vector_norm(inf, dim) and aminmax(dim) are 10x slower than either)
+                amax = w.abs().amax(dims, keepdim=True)
+            return amax.div_(self.q_max).clamp_min_(_EPS)
         flat = w.detach().reshape(w.shape[0], -1)
         if self.bits == 1:  # binary: s = mean |w| (XNOR-Net) or the Gaussian-optimal clip
             s = flat.abs().mean(1) if self.mode == "max" else GAUSSIAN_MSE_CLIP[1] * flat.pow(2).mean(1).sqrt()
-        elif self.mode == "max":
-            s = flat.abs().amax(1).div_(self.q_max)  # (vector_norm(inf, dim) and aminmax(dim) are 10x slower)
         else:  # quest
             s = GAUSSIAN_MSE_CLIP[self.bits] * flat.pow(2).mean(1).sqrt() / self.q_max
         return s.clamp_min(_EPS).reshape(self._shape(w))
@@ -142,35 +161,88 @@ class WeightQuantizer(_StateMixin, nn.Module):
             return w
         if not torch.is_grad_enabled():  # target net / acting: reuse while the weights are unchanged
             key = self._key(w)
-            if self._cache is not None and self._cache[0] == key:
-                return self._cache[1]
-            out = self._quant(w)
-            self._cache = (key, out)
+            cache = self._cache
+            if cache is not None and cache[0] == key:
+                return cache[1]
+            out = self._quant_nograd(w)
+            self._cache = (key, out, w)
             return out
         self._cache = None
         return self._quant(w)
 
     def _key(self, w: torch.Tensor) -> tuple:
-        return (_GENERATION[0], w._version, id(w), None if self.step is None else self.step._version)
+        """What identifies the weights a cached fake-quant copy was made from. The cache also holds ``w``
+        itself, so its storage (and data pointer) cannot be reused by another tensor while cached; views
+        (e.g. an ensemble's flattened weight) share the version counter of their base."""
+        step = self.step
+        trained = w.requires_grad or (step is not None and step.requires_grad)
+        return (w.data_ptr(), w.shape, w.stride(), w._version, _GENERATION[0] if trained else None,
+                None if step is None else step._version)
 
     def remember(self, w: torch.Tensor, w_hat: torch.Tensor) -> None:
         """Cache ``w_hat`` (the fake-quant weights computed by a fused training forward) for the
         no-grad forwards that follow before the next optimizer step."""
-        self._cache = (self._key(w), w_hat.detach())
+        self._cache = (self._key(w), w_hat.detach(), w)
 
     def _quant(self, w: torch.Tensor) -> torch.Tensor:
+        """The composed training path (autograd through the single-quantizer Functions)."""
         s = self.scale(w)
         if self.bits == 1:  # sign with a clipped STE (gradient where |w| <= s)
             codes = torch.where(w >= 0, 1.0, -1.0).to(w.dtype)
             return codes * s + (w - w.detach()) * (w.abs() <= s)
         if self.mode == "lsq":
-            n = w[0].numel()
-            return lsq_quant(w, s, -self.q_max, self.q_max, 1.0 / math.sqrt(n * self.q_max))
+            return lsq_quant(w, s, -self.q_max, self.q_max, self._grad_scale(w))
         if self.mode == "quest":
             zero = torch.zeros((), dtype=w.dtype, device=w.device)
             return trust_quant(w, s, zero, -self.q_max, self.q_max, s * (0.5 * self.trust))
         # max-based scales never clip: a plain straight-through estimator
         return fake_quant(w, s, 0.0, -self.q_max, self.q_max, clip_grad=False)
+
+    def _quant_nograd(self, w: torch.Tensor) -> torch.Tensor:
+        """The same values as :meth:`_quant` without autograd bookkeeping (no masks)."""
+        with torch.no_grad():
+            s = self.scale(w)
+            if self.bits == 1:
+                return torch.where(w >= 0, 1.0, -1.0).to(w.dtype).mul_(s)
+            return grid_fwd(w, s, -self.q_max, self.q_max, NO_CLIP if self.mode == "max" else CLAMP)[0]
+
+    def _grad_scale(self, w: torch.Tensor) -> float:
+        """LSQ's step-gradient scale ``1 / sqrt(N_c Q_P)`` (N_c: weights per output channel)."""
+        return 1.0 / math.sqrt(w.numel() // max(w.shape[0], 1) * self.q_max)
+
+    # -- the fused layer's pieces (rlq.quant.functions.QuantLayerFn) ------------------------------------
+    def train_param(self, w: torch.Tensor) -> torch.Tensor | None:
+        """The tensor through which the fused layer's weight quantizer gets gradients (LSQ's scale)."""
+        return self.scale(w) if self.mode == "lsq" else None
+
+    def train_fwd(self, w: torch.Tensor, s: torch.Tensor | None, need_grad: bool
+                  ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """(fake-quant weights, tensors for :meth:`train_bwd`): the values of :meth:`_quant`."""
+        if s is None:
+            s = self.scale(w)
+        if self.bits == 1:
+            codes = torch.where(w >= 0, 1.0, -1.0).to(w.dtype)
+            saved = ((w.abs() <= s, codes) if self.mode == "lsq" else (w.abs() <= s,)) if need_grad else ()
+            return codes * s, saved
+        if self.mode == "lsq":
+            out, inside, ds = lsq_fwd(w, s, -self.q_max, self.q_max)
+            return out, (inside, ds)
+        if self.mode == "quest":
+            out, keep = trust_fwd(w, s, 0.0, -self.q_max, self.q_max, s * (0.5 * self.trust))
+            return out, (keep,)
+        return grid_fwd(w, s, -self.q_max, self.q_max, NO_CLIP)[0], ()
+
+    def train_bwd(self, g: torch.Tensor, saved: tuple[torch.Tensor, ...], s_shape: torch.Size | None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(d/dW, d/d scale) from the gradient of the fake-quant weights."""
+        if self.bits == 1:
+            gs = (g * saved[1]).sum_to_size(s_shape) if self.mode == "lsq" else None
+            return g * saved[0], gs
+        if self.mode == "lsq":  # (g is the fused layer's own weight gradient: masked in place)
+            return lsq_bwd(g, saved[0], saved[1], s_shape, self._grad_scale(g), inplace=True)
+        if self.mode == "quest":
+            return g.mul_(saved[0]), None
+        return g, None
 
 
 class ActQuantizer(_StateMixin, nn.Module):
@@ -178,6 +250,7 @@ class ActQuantizer(_StateMixin, nn.Module):
 
     _STATE = ("enabled", "initialized", "observed", "calibrating", "frozen", "signed_input", "min_val",
               "max_val", "mean_abs", "zero_point", "on_grid")
+    _PLAIN = frozenset(_STATE)
 
     def __init__(self, bits: int, mode: str = "ema", momentum: float = 0.99):
         super().__init__()
@@ -203,11 +276,12 @@ class ActQuantizer(_StateMixin, nn.Module):
         return f"bits={self.bits}, mode={self.mode}"
 
     # -- observer -------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def observe(self, x: torch.Tensor) -> None:
-        lo, hi = (float(v) for v in torch.aminmax(x.detach()))
+    def observe(self, x: torch.Tensor) -> tuple[float, float]:
+        """Update the statistics with a batch; returns the batch's (min, max)."""
+        x = x.detach() if x.requires_grad else x
+        lo, hi = (float(v) for v in torch.aminmax(x))
         need_abs = self.calibrating or (self.mode == "lsq" and not self.initialized)
-        ma = float(x.detach().abs().mean()) if need_abs else self.mean_abs
+        ma = float(x.abs().mean()) if need_abs else self.mean_abs
         if not self.observed:
             self.min_val, self.max_val, self.mean_abs = lo, hi, ma
             self.observed = True
@@ -219,6 +293,7 @@ class ActQuantizer(_StateMixin, nn.Module):
             self.min_val += m * (lo - self.min_val)
             self.max_val += m * (hi - self.max_val)
             self.mean_abs += m * (ma - self.mean_abs)
+        return lo, hi
 
     @property
     def signed(self) -> bool:
@@ -274,10 +349,16 @@ class ActQuantizer(_StateMixin, nn.Module):
             elif self.mode == "pact" and lo >= 0:
                 self.alpha.fill_(max(hi, _EPS))
 
-    def observe_if_training(self, x: torch.Tensor) -> None:
-        """Update the observer on a training forward (online loss forward) or during calibration."""
+    def observe_if_training(self, x: torch.Tensor) -> tuple[float, float] | None:
+        """Update the observer on a training forward (online loss forward) or during calibration;
+        returns the batch's (min, max) when it observed."""
         if not self.frozen and (self.calibrating or (self.training and torch.is_grad_enabled())):
-            self.observe(x)
+            return self.observe(x)
+        return None
+
+    def _lsq_grad_scale(self, x: torch.Tensor) -> float:
+        """LSQ's step-gradient scale ``1 / sqrt(N_F Q_P)`` (N_F: features per sample)."""
+        return 1.0 / math.sqrt(x.numel() // max(x.shape[0], 1) * (self.q_max - self.zero_point))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.observe_if_training(x)
@@ -288,9 +369,72 @@ class ActQuantizer(_StateMixin, nn.Module):
         mode = self.effective_mode
         if mode == "lsq":
             z = self.zero_point
-            return lsq_quant(x, self.step.abs().clamp_min(_EPS), -z, self.q_max - z,
-                             1.0 / math.sqrt(x[0].numel() * (self.q_max - z)))
+            return lsq_quant(x, self.step.abs().clamp_min(_EPS), -z, self.q_max - z, self._lsq_grad_scale(x))
         if mode == "pact":
             return pact_quant(x, self.alpha.abs().clamp_min(_EPS), self.bits)
         s, z = self._ema_qparams()
         return fake_quant(x, s, z, 0, self.q_max)
+
+    # -- the fused layer's pieces (rlq.quant.functions.QuantLayerFn) ------------------------------------
+    def train_info(self, x: torch.Tensor) -> tuple:
+        """Observe a training batch and return this batch's quantization parameters for :meth:`train_fwd`:
+        ``("id",)`` (inputs on the grid), ``("ema", s, lo, hi, clip)``, ``("lsq", lo, hi, grad_scale)``
+        or ``("pact",)``. For the EMA grid, ``clip`` is ``NO_CLIP`` when the batch's observed min and max
+        (with a margin far above float rounding) cannot round outside the grid: no clamp and no gradient
+        mask are needed then, and the values are the same."""
+        rng = self.observe_if_training(x)
+        if self.on_grid:
+            return ("id",)
+        if not self.initialized:
+            self.init_from_observer()
+        mode = self.effective_mode
+        if mode == "lsq":
+            z = self.zero_point
+            return ("lsq", -z, self.q_max - z, self._lsq_grad_scale(x))
+        if mode == "pact":
+            return ("pact",)
+        s, z = self._ema_qparams()
+        lo, hi = -z, self.q_max - z
+        clip = CLAMP_MASK
+        if rng is not None and lo - 0.499 < rng[0] / s and rng[1] / s < hi + 0.499:
+            clip = NO_CLIP
+        return ("ema", s, lo, hi, clip)
+
+    def train_param(self) -> torch.Tensor | None:
+        """The learned range the fused layer differentiates (LSQ step, PACT alpha), or None."""
+        mode = self.effective_mode
+        if mode == "lsq":
+            return self.step.abs().clamp_min(_EPS)
+        if mode == "pact":
+            return self.alpha.abs().clamp_min(_EPS)
+        return None
+
+    def train_fwd(self, x: torch.Tensor, param: torch.Tensor | None, info: tuple, need_grad: bool
+                  ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """(fake-quant input, tensors for :meth:`train_bwd`): the values of :meth:`forward`."""
+        kind = info[0]
+        if kind == "ema":
+            _, s, lo, hi, clip = info
+            if clip == CLAMP_MASK and not need_grad:
+                clip = CLAMP
+            out, mask = grid_fwd(x, s, lo, hi, clip)
+            return out, (() if mask is None else (mask,))
+        if kind == "lsq":
+            out, inside, ds = lsq_fwd(x, param, info[1], info[2])
+            return out, (inside, ds)
+        if kind == "pact":
+            out, inside, above = pact_fwd(x, param, float(self.q_max))
+            return out, (inside, above)
+        return x, ()
+
+    def train_bwd(self, g: torch.Tensor, saved: tuple[torch.Tensor, ...], info: tuple
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(d/dx, d/d learned range) from the gradient of the fake-quant input."""
+        kind = info[0]
+        if kind == "ema":
+            return (g.mul_(saved[0]) if saved else g), None
+        if kind == "lsq":
+            return lsq_bwd(g, saved[0], saved[1], torch.Size(()), info[3], inplace=True)
+        if kind == "pact":
+            return pact_bwd(g, saved[0], saved[1])
+        return g, None
