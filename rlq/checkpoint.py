@@ -113,6 +113,18 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, payload: dict[str, An
     return path
 
 
+def best_checkpoint_path(run_dir: str | os.PathLike) -> Path:
+    """``checkpoints/best.pt``: the policy of a run's best evaluation so far (``checkpoint.keep_best``)."""
+    return checkpoint_dir(run_dir) / "best.pt"
+
+
+def save_best_checkpoint(run_dir: str | os.PathLike, payload: dict[str, Any]) -> Path:
+    """Write ``checkpoints/best.pt`` atomically (a full checkpoint; never pruned, never the newest one)."""
+    path = best_checkpoint_path(run_dir)
+    atomic_save({"format": FORMAT, "version": VERSION, **payload}, path)
+    return path
+
+
 # -- reading --------------------------------------------------------------------------------------------
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint file, or the newest checkpoint of a run directory."""

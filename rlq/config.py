@@ -111,6 +111,8 @@ def validate(cfg: DictConfig) -> None:
     _num(cfg, "env.eval_epsilon", float, 0, 1)
     if cfg.eval.get("target_return") is not None:
         _num(cfg, "eval.target_return", float, None, None)
+    if not isinstance(cfg.checkpoint.get("keep_best", False), bool):
+        raise ConfigError(f"checkpoint.keep_best={cfg.checkpoint.keep_best!r} is not a boolean: use true or false")
     if cfg.get("nonfinite", "stop") not in ("stop", "skip"):
         raise ConfigError(f"nonfinite={cfg.nonfinite!r} is not a choice: use stop or skip")
     if cfg.device not in ("cpu", "cuda") and not str(cfg.device).startswith("cuda:"):

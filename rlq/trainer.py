@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from rlq.agents import Agent, make_agent
-from rlq.checkpoint import save_checkpoint, space_to_dict
+from rlq.checkpoint import save_best_checkpoint, save_checkpoint, space_to_dict
 from rlq.envs import make_env
 from rlq.evaluation import iqm, run_episodes
 from rlq.logging import ProgressLine, RunLogger
@@ -175,7 +175,10 @@ class Trainer:
                                         seed=int(self.cfg.seed) + 10_000, epsilon=float(self.cfg.env.eval_epsilon))
         out = {"return_mean": float(returns.mean()), "return_std": float(returns.std()),
                "return_iqm": iqm(returns), "length_mean": float(lengths.mean())}
+        improved = out["return_mean"] > self.best_eval
         self.best_eval = max(self.best_eval, out["return_mean"])
+        if improved and self.cfg.checkpoint.get("keep_best", False):  # (SB3 EvalCallback's best model)
+            save_best_checkpoint(self.run_dir, {**self.payload(), "best_eval": {"step": self.step, **out}})
         return out
 
     # -- the loop -----------------------------------------------------------------------------------

@@ -60,6 +60,7 @@ CASES = [  # (arguments, text the one error line must contain)
     (["agent.hidden=[256,0]"], "agent.hidden=[256, 0] must be a list of positive layer widths"),
     (["eval.episodes=0"], "eval.episodes=0 is out of range: must be >= 1"),
     (["checkpoint.every=-1"], "checkpoint.every=-1 is out of range: must be >= 0"),
+    (["checkpoint.keep_best=maybe"], "checkpoint.keep_best='maybe' is not a boolean: use true or false"),
     (["log.every=0"], "log.every=0 is out of range: must be >= 1"),
     (["threads=-1"], "threads=-1 is out of range: must be >= 0"),
     (["env.eval_epsilon=2"], "env.eval_epsilon=2 is out of range: must be <= 1"),

@@ -5,8 +5,8 @@ import pickle
 import pytest
 import torch
 
-from rlq.checkpoint import (CheckpointError, atomic_save, list_checkpoints, load_checkpoint, resolve_checkpoint,
-                            save_checkpoint)
+from rlq.checkpoint import (CheckpointError, atomic_save, best_checkpoint_path, list_checkpoints, load_checkpoint,
+                            resolve_checkpoint, save_checkpoint)
 
 
 def test_save_keeps_newest_and_resolves_run_dir(tmp_path):
@@ -78,3 +78,33 @@ def test_pickle_payload_is_not_executed(tmp_path):
     with pytest.raises(CheckpointError):
         load_checkpoint(path)
     assert not marker.exists()
+
+
+def test_keep_best_saves_the_policy_of_the_best_evaluation(tmp_path):
+    """checkpoint.keep_best: checkpoints/best.pt holds the agent of the first evaluation with the highest mean
+    return; re-evaluating it on the same episodes gives that return; the newest step checkpoint is unchanged."""
+    from rlq.checkpoint import load_agent
+    from rlq.evaluation import run_episodes
+    from rlq.logging import read_metrics
+    from rlq.train import _compose, build_config
+    from rlq.trainer import Trainer, make_env_from_cfg
+    ov = ["agent=dqn", "total_steps=4000", "agent.learning_starts=500", "agent.eps_decay_steps=2000", "eval.every=500",
+          "eval.episodes=3", "eval.num_envs=3", "checkpoint.every=0", "checkpoint.keep_best=true", "log.progress=false",
+          "log.tensorboard=false", "threads=1"]
+    cfg = build_config(_compose(ov), ov)
+    run = tmp_path / "run"
+    tr = Trainer(cfg, run)
+    tr.train()
+    tr.close()
+    evals = [(r["step"], r["return_mean"]) for r in read_metrics(run, "eval")]
+    best = max(r for _, r in evals)
+    assert len({r for _, r in evals}) > 1 and evals[-1][1] != best  # (the selection matters in this run)
+    first = next(s for s, r in evals if r == best)
+    ckpt = load_checkpoint(best_checkpoint_path(run))
+    assert ckpt["best_eval"]["step"] == first and ckpt["best_eval"]["return_mean"] == best
+    assert resolve_checkpoint(run).name == "step_0000004000.pt" and tr.best_eval == best
+    agent = load_agent(best_checkpoint_path(run))
+    env = make_env_from_cfg(cfg.env, 3, 10_000)
+    returns, _ = run_episodes(lambda o: agent.act(o, explore=False), env, 3, seed=10_000)
+    env.close()
+    assert float(returns.mean()) == best
