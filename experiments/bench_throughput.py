@@ -13,7 +13,9 @@ on first use (``torch==2.13.0`` CPU first, then ``stable-baselines3 ale-py openc
 measurement trains ``--learning-starts`` warm-up steps (random actions, no updates) then ``--steps``
 training steps; the figure is the training phase's steps/s (updates/s = steps/s / 4, for both).
 Settings alternate within each round; medians over rounds. rlq x8: ``env.num_envs=8``, an update round of
-2 updates every vector step (8 env steps), the same 1 update per 4 env steps.
+2 updates every vector step (8 env steps), the same 1 update per 4 env steps. The rlq rows also measure the
+issue-9 switches, each alone and together: ``overlap=true`` (the update runs in a worker thread while the
+env steps; acting lags one update) and ``agent.amp=bf16`` (bf16 autocast in the update); both are opt-in.
 """
 from __future__ import annotations
 
@@ -36,12 +38,13 @@ RLQ_WORKER = textwrap.dedent("""
     from rlq.train import _compose, build_config
     from rlq.trainer import Trainer
     L, N, E, F, G = (int(x) for x in sys.argv[1:6])
+    extra = sys.argv[7:]
     total = L + N
     ov = ["agent=dqn", "env=Pong", f"total_steps={total}", f"agent.learning_starts={L}", "agent.batch_size=32",
           f"agent.train_freq={F}", f"agent.gradient_steps={G}", "agent.buffer_size=100000", "agent.lr=1e-4",
           "agent.target_update_period=250", "agent.double=false", "agent.eps_end=0.01",
           f"agent.eps_decay_steps={max(1, total // 10)}", f"env.num_envs={E}", "eval.every=0", "eval.final=false",
-          "checkpoint.every=0", "log.every=100000", "log.progress=false", "log.tensorboard=false", "threads=0"]
+          "checkpoint.every=0", "log.every=100000", "log.progress=false", "log.tensorboard=false", "threads=0", *extra]
     cfg = build_config(_compose(ov), ov)
     tr = Trainer(cfg, sys.argv[6])
     marks = {}
@@ -121,6 +124,9 @@ def profile_rlq() -> dict[str, float]:
     cfg = build_config(_compose(ov), ov)
     env = make_env("Pong", num_envs=1, seed=0)
     agent = make_agent(cfg.agent, env.single_observation_space, env.single_action_space, seed=0)
+    ov16 = [*ov, "agent.amp=bf16"]
+    agent16 = make_agent(build_config(_compose(ov16), ov16).agent, env.single_observation_space,
+                         env.single_action_space, seed=0)
     g = torch.Generator().manual_seed(0)
     obs = lambda: torch.randint(0, 256, (32, 4, 84, 84), dtype=torch.uint8, generator=g)  # noqa: E731
     batch = Batch(obs=obs(), action=torch.randint(0, 6, (32,), generator=g), reward=torch.zeros(32),
@@ -135,7 +141,13 @@ def profile_rlq() -> dict[str, float]:
             fn()
             ts.append(time.perf_counter() - t)
         return statistics.median(ts) * 1e3
-    out["update_ms"] = med(lambda: agent.update(batch), 30)
+    threads = torch.get_num_threads()
+    for t in (threads, 1):
+        torch.set_num_threads(t)
+        out[f"update_ms_{t}t"] = med(lambda: agent.update(batch), 30)
+        out[f"update_bf16_ms_{t}t"] = med(lambda: agent16.update(batch), 30)
+    torch.set_num_threads(threads)
+    out["update_ms"] = out[f"update_ms_{threads}t"]
     o, _ = env.reset(seed=0)
     agent.set_step(10**9)  # greedy: every action is a forward pass
     out["act_ms"] = med(lambda: agent.act(o, explore=True), 200)
@@ -158,12 +170,21 @@ def main() -> None:
     py = sb3_python(Path(args.sb3_venv))
     L, N = args.learning_starts, args.steps
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"rlq_bench_tp_{os.getpid()}"
-    settings = {
-        "rlq DQN, 1 env": lambda i: [sys.executable, "-c", RLQ_WORKER, str(L), str(N), "1", "4", "1", str(tmp / f"a{i}")],
+    def rlq(envs: int, *extra: str):
+        freq, grad = ("4", "1") if envs == 1 else ("1", str(envs // 4))  # one update per 4 env steps either way
+        return lambda i: [sys.executable, "-c", RLQ_WORKER, str(L), str(N), str(envs), freq, grad,
+                          str(tmp / f"{envs}-{'-'.join(extra)}-{i}"), *extra]
+    settings = {  # the first is the default configuration; the others add the issue-9 switches
+        "rlq DQN, 1 env": rlq(1),
+        "rlq DQN, 1 env, overlap=true": rlq(1, "overlap=true"),
+        "rlq DQN, 1 env, agent.amp=bf16": rlq(1, "agent.amp=bf16"),
+        "rlq DQN, 1 env, overlap + bf16": rlq(1, "overlap=true", "agent.amp=bf16"),
         "SB3 DQN, 1 env": lambda i: [str(py), "-c", SB3_WORKER, str(L), str(N)],
-        "rlq DQN, 8 envs": lambda i: [sys.executable, "-c", RLQ_WORKER, str(L), str(N), "8", "1", "2", str(tmp / f"b{i}")],
+        "rlq DQN, 8 envs": rlq(8),
+        "rlq DQN, 8 envs, overlap + bf16": rlq(8, "overlap=true", "agent.amp=bf16"),
     }
     results: dict[str, list[dict]] = {k: [] for k in settings}
+    load0 = os.getloadavg()[0]
     for r in range(args.rounds):
         for name, cmd in settings.items():
             res = run_worker(cmd(r))
@@ -180,24 +201,39 @@ def main() -> None:
              f"--learning-starts {L}`  ",
              f"Machine: {_cpu()}; Python {platform.python_version()}, rlq's torch {torch.__version__}, "
              f"SB3 {sb3_version[0] if sb3_version else '?'} (torch {sb3_version[1] if len(sb3_version) > 1 else '?'}) "
-             "in its own venv; torch default threads on both sides.  ",
+             "in its own venv; torch default threads on both sides (rlq with overlap=true: one for the learner, one "
+             "for the actor).  ",
              f"Each figure: the training phase ({N} steps after {L} warm-up steps), median over {args.rounds} "
              "rounds; settings alternate within a round.", "",
              "| setting | steps/s | updates/s | vs SB3 | peak RSS (MB) | per round (steps/s) |", "|---|---|---|---|---|---|"]
     for name, m in med.items():
         per = " / ".join(f"{x['sps']:.0f}" for x in results[name])
         lines.append(f"| {name} | {m['sps']:.1f} | {m['ups']:.1f} | {m['sps'] / sb3:.2f}x | {m['rss_mb']:.0f} | {per} |")
-    lines += ["", "Where rlq's time goes (median of repeated calls, same process, torch threads "
-              f"{prof['threads']}):", "",
-              "| piece | ms |", "|---|---|",
-              f"| one DQN update (batch 32: 2 Nature-CNN forwards, 1 backward, Adam) | {prof['update_ms']:.1f} |",
-              f"| one greedy action (batch-1 forward) | {prof['act_ms']:.2f} |",
+    t = prof["threads"]
+    side = 4 * (prof["act_ms"] + prof["env_step_ms"])  # the actor's work per update at 1 update / 4 steps
+    lines += ["", f"Where rlq's time goes (median of repeated calls, same process; torch threads {t} unless noted):",
+              "", "| piece | ms |", "|---|---|",
+              f"| one DQN update, fp32 (batch 32: 2 Nature-CNN forwards, 1 backward, Adam), {t} threads | "
+              f"{prof[f'update_ms_{t}t']:.1f} |",
+              f"| the same, 1 thread | {prof['update_ms_1t']:.1f} |",
+              f"| one DQN update, agent.amp=bf16, {t} threads | {prof[f'update_bf16_ms_{t}t']:.1f} |",
+              f"| the same, 1 thread | {prof['update_bf16_ms_1t']:.1f} |",
+              f"| one greedy action (batch-1 forward, fp32) | {prof['act_ms']:.2f} |",
               f"| one env step (ale-py vector env, 1 env, frame skip 4) | {prof['env_step_ms']:.2f} |",
-              f"| => synchronous ceiling at 1 update / 4 steps: 4 / (update + 4 x (act + step)) | "
-              f"{4000 / (prof['update_ms'] + 4 * (prof['act_ms'] + prof['env_step_ms'])):.0f} steps/s |", ""]
+              f"| => synchronous ceiling at 1 update / 4 steps, fp32: 4 / (update + 4 x (act + step)) | "
+              f"{4000 / (prof[f'update_ms_{t}t'] + side):.0f} steps/s |",
+              f"| => synchronous ceiling, bf16 | {4000 / (prof[f'update_bf16_ms_{t}t'] + side):.0f} steps/s |",
+              f"| => overlap ceiling (learner and actor on a core each), fp32: 4 / max(update@1t, 4 x (act + step)) | "
+              f"{4000 / max(prof['update_ms_1t'], side):.0f} steps/s |",
+              f"| => overlap ceiling, bf16 | {4000 / max(prof['update_bf16_ms_1t'], side):.0f} steps/s |", ""]
+    lines.insert(5, f"Load average (1 min) at start / end: {load0:.2f} / {os.getloadavg()[0]:.2f}.  ")
     text = "\n".join(lines)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    out = Path(args.out)
+    old = out.read_text() if out.exists() else ""
+    if "\n## Reading" in old:  # keep the hand-written analysis of an earlier run
+        text += old[old.index("\n## Reading"):]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
     print(text)
 
 

@@ -3,8 +3,9 @@ evaluation (10 episodes) every 5k steps; the table reports the first step whose 
 reached 475, the best and final evaluation, and wall time.
 
     python experiments/cartpole_dqn.py [--agents dqn double_dqn dueling_dqn] [--seeds 0 1 2] [--steps 50000]
+        [--name cartpole_dqn] [rlq.train overrides applied to every run, e.g. overlap=true agent.amp=bf16]
 
-Writes experiments/results/cartpole_dqn.md (and .json) with the machine, versions and command.
+Writes experiments/results/<name>.md (and .json) with the machine, versions and command.
 """
 from __future__ import annotations
 
@@ -27,9 +28,9 @@ from rlq.trainer import Trainer
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def run_one(agent: str, seed: int, steps: int, workdir: Path) -> dict:
+def run_one(agent: str, seed: int, steps: int, workdir: Path, extra: list[str] = ()) -> dict:
     overrides = [f"agent={agent}", f"seed={seed}", f"total_steps={steps}", "eval.every=5000", "eval.episodes=10",
-                 "checkpoint.every=0", "log.progress=false", "log.tensorboard=false"]
+                 "checkpoint.every=0", "log.progress=false", "log.tensorboard=false", *extra]
     cfg = build_config(_compose(overrides), overrides)
     run_dir = workdir / f"{agent}-s{seed}"
     trainer = Trainer(cfg, run_dir)
@@ -50,18 +51,21 @@ def main() -> None:
     ap.add_argument("--agents", nargs="+", default=["dqn", "double_dqn", "dueling_dqn"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=50_000)
+    ap.add_argument("--name", default="cartpole_dqn", help="results file name (experiments/results/<name>.md)")
+    ap.add_argument("overrides", nargs="*", help="rlq.train overrides for every run")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for agent in args.agents:
             for seed in args.seeds:
-                r = run_one(agent, seed, args.steps, Path(tmp))
+                r = run_one(agent, seed, args.steps, Path(tmp), args.overrides)
                 rows.append(r)
                 print(f"{agent:12s} seed {seed}: solved at {r['solved_at']}, best {r['best_eval']:.1f}, "
                       f"final {r['final_eval']:.1f}, {r['wall_s']:.0f}s", flush=True)
     lines = [
-        "# CartPole-v1, DQN family: greedy evaluation (10 episodes every 5k env steps), 50k env steps",
+        f"# CartPole-v1, DQN family: greedy evaluation (10 episodes every 5k env steps), {args.steps // 1000}k env steps",
         "",
+        *([f"Overrides on every run: `{' '.join(args.overrides)}`  "] if args.overrides else []),
         f"Command: `python {' '.join(['experiments/cartpole_dqn.py', *sys.argv[1:]])}`  ",
         f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads; "
         f"python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}  ",
@@ -80,8 +84,8 @@ def main() -> None:
         lines.append(f"| {agent} | {sum(r['solved_at'] is not None for r in rs)}/{len(rs)} | "
                      f"{iqm(np.array([r['final_eval'] for r in rs])):.1f} | {np.median([r['wall_s'] for r in rs]):.0f} |")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cartpole_dqn.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "cartpole_dqn.json").write_text(json.dumps(rows, indent=1))
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(rows, indent=1))
     print("\n".join(lines))
 
 

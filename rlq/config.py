@@ -113,6 +113,8 @@ def validate(cfg: DictConfig) -> None:
         _num(cfg, "eval.target_return", float, None, None)
     if not isinstance(cfg.checkpoint.get("keep_best", False), bool):
         raise ConfigError(f"checkpoint.keep_best={cfg.checkpoint.keep_best!r} is not a boolean: use true or false")
+    if not isinstance(cfg.get("overlap", False), bool):
+        raise ConfigError(f"overlap={cfg.overlap!r} is not a boolean: use true or false")
     if cfg.get("nonfinite", "stop") not in ("stop", "skip"):
         raise ConfigError(f"nonfinite={cfg.nonfinite!r} is not a choice: use stop or skip")
     if cfg.device not in ("cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
@@ -120,6 +122,13 @@ def validate(cfg: DictConfig) -> None:
     a = cfg.agent
     if a.name not in agent_names():
         raise ConfigError(f"unknown agent name {a.name!r}: choose one of {', '.join(agent_names())}")
+    if cfg.get("overlap", False):
+        from rlq.agents.base import agent_class
+
+        able = [n for n in agent_names() if agent_class(n).acting_nets]
+        if not agent_class(a.name).acting_nets:
+            raise ConfigError(f"overlap=true is not supported by agent {a.name!r}: use overlap=false, or one of "
+                              f"{', '.join(able)}")
     for key, kind, lo, hi in (("gamma", float, 0, 1), ("lr", float, 0, None), ("batch_size", int, 1, None),
                               ("buffer_size", int, 1, None), ("learning_starts", int, 0, None),
                               ("train_freq", int, 1, None), ("gradient_steps", int, 1, None),
@@ -199,6 +208,12 @@ def validate(cfg: DictConfig) -> None:
                         ("sticky_actions", 0, 1)):
         if key in cfg.env:
             _num(cfg, f"env.{key}", float if key == "sticky_actions" else int, lo, hi)
+    if "amp" in a:
+        if a.amp not in ("none", "bf16"):
+            raise ConfigError(f"agent.amp={a.amp!r} is not a choice: use none or bf16")
+        if a.amp != "none" and cfg.quant.name != "none":
+            raise ConfigError(f"agent.amp={a.amp} cannot be combined with quant={cfg.quant.name}: fake-quant "
+                              "grids need fp32 (use agent.amp=none)")
     if "encoder" in a and a.encoder not in ("auto", "cnn", "mlp"):
         raise ConfigError(f"agent.encoder={a.encoder!r} is not an encoder: choose one of auto, cnn, mlp")
     from rlq.quant.api import QuantConfig

@@ -37,7 +37,7 @@ from rlq.config import ConfigError, apply_env_preset, config_dir, group_options,
 register_resolvers()
 
 # keys a resumed run may change (everything else comes from the run's saved config)
-RESUMABLE_OVERRIDES = ("resume", "total_steps", "log.", "checkpoint.", "eval.", "threads", "device")
+RESUMABLE_OVERRIDES = ("resume", "total_steps", "log.", "checkpoint.", "eval.", "threads", "device", "overlap")
 # config groups of Hydra plugins -> (pip package, rlq extra that installs it), for install hints
 PLUGIN_GROUPS = {
     "hydra/launcher/joblib": ("hydra-joblib-launcher", "sweep"),

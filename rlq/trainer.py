@@ -5,15 +5,29 @@ evaluation and checkpoint schedules, logging. Steps are counted in env steps sum
 envs (``total_steps``, ``eval.every``, ``checkpoint.every``, ``learning_starts``, ε schedule);
 ``train_freq`` counts vector steps, so with ``num_envs=N`` one update round happens every
 ``N * train_freq`` env steps and ``gradient_steps`` sets the updates per round.
+
+``overlap=true`` runs each update round in a worker thread while the loop keeps acting and stepping the
+envs (torch ops and ale-py's vector env release the GIL, so on 2 cores the learner and the actor each get
+one). The batches are sampled in the loop exactly when the synchronous loop samples them, and ``act`` reads
+a copy of the policy refreshed when the next round is submitted: the only difference from the synchronous
+loop is that acting lags by one update round (``train_freq`` vector steps act with the weights from before
+the round in flight). Everything that reads the agent (evaluation, checkpoints, metric records, the QAT
+switch, stopping) first waits for the round in flight; evaluation uses the newest weights. A run is as
+deterministic as the synchronous one for agents whose ``update`` draws no random numbers from the global
+torch generator that ``act`` also uses (true for ε-greedy DQN agents; noisy nets interleave their noise by
+timing), and checkpoints hold the acting copy, so an exact resume stays exact. With prioritized replay,
+the transitions added while a round is in flight get the largest priority known before that round.
 """
 from __future__ import annotations
 
 import hashlib
 import math
+import os
 import signal
 import sys
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +41,7 @@ from rlq.envs import make_env
 from rlq.evaluation import iqm, run_episodes
 from rlq.logging import ProgressLine, RunLogger
 from rlq.replay import PrioritizedSampler, ReplayBuffer
+from rlq.replay.base import Batch
 
 # env config keys that belong to the trainer, not to make_env
 TRAINER_ENV_KEYS = ("name", "num_envs", "clip_rewards", "eval_epsilon")
@@ -59,8 +74,11 @@ class Trainer:
         self.num_envs = int(cfg.env.num_envs)
         obs_space, act_space = self.env.single_observation_space, self.env.single_action_space
         # threads=0: one thread for small vector-observation nets (a second thread only adds sync
-        # overhead there, and leaves a core to the env / other runs), torch's default for pixels
-        threads = int(cfg.threads) or (1 if len(obs_space.shape) < 3 else 0)
+        # overhead there, and leaves a core to the env / other runs), torch's default for pixels; with
+        # overlap=true all but one core (the actor's) for pixels
+        self.overlap = bool(cfg.get("overlap", False))
+        threads = int(cfg.threads) or (1 if len(obs_space.shape) < 3 else
+                                       max(1, (os.cpu_count() or 2) - 1) if self.overlap else 0)
         if threads > 0:
             torch.set_num_threads(threads)
         self.spaces = {"observation": space_to_dict(obs_space), "action": space_to_dict(act_space)}
@@ -94,8 +112,13 @@ class Trainer:
         self._env_replay: dict[str, Any] | None = None
         self._obs: np.ndarray | None = None
         self.resumed = resume_from is not None
+        self._pending: tuple[list[Batch], Future] | None = None  # overlap: the update round in flight
         if resume_from is not None:
             self._restore(resume_from)
+        if self.overlap:  # act() reads copies of the policy (what it read at the checkpoint, on a resume)
+            self.agent.use_acting_copies()
+            if resume_from is not None and "acting" in resume_from:
+                self.agent.load_acting_state(resume_from["acting"])
         self.logger: RunLogger | None = None  # created by train(): building a Trainer writes nothing
         self._eval_env = None
 
@@ -110,6 +133,8 @@ class Trainer:
                         "recent_returns": list(self.recent_returns)},
             "rng": {"torch": torch.get_rng_state(), "numpy": _np_global_state()},
         }
+        if self.overlap:  # what act() reads until the next update round (exact resume)
+            state["acting"] = self.agent.acting_state()
         if self.cfg.checkpoint.save_replay:
             state["replay"] = self.buffer.state_dict()
             state["env"] = {"reset_seed": self.env_seed, "actions": torch.from_numpy(self._action_history()),
@@ -171,8 +196,10 @@ class Trainer:
         episodes = int(e.episodes)
         if self._eval_env is None:
             self._eval_env = make_env_from_cfg(self.cfg.env, min(int(e.num_envs), episodes), int(self.cfg.seed) + 10_000)
-        returns, lengths = run_episodes(lambda o: self.agent.act(o, explore=False), self._eval_env, episodes,
-                                        seed=int(self.cfg.seed) + 10_000, epsilon=float(self.cfg.env.eval_epsilon))
+        with self.agent.acting_originals():  # overlap mode: the newest weights, not the actor's copy
+            returns, lengths = run_episodes(lambda o: self.agent.act(o, explore=False), self._eval_env, episodes,
+                                            seed=int(self.cfg.seed) + 10_000,
+                                            epsilon=float(self.cfg.env.eval_epsilon))
         out = {"return_mean": float(returns.mean()), "return_std": float(returns.std()),
                "return_iqm": iqm(returns), "length_mean": float(lengths.mean())}
         improved = out["return_mean"] > self.best_eval
@@ -203,6 +230,9 @@ class Trainer:
                                 resume_step=self.step if self.resumed else None)
         self.progress = ProgressLine(total, enabled=bool(cfg.log.progress))
         old_handlers = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        threads = torch.get_num_threads()
+        pool = ThreadPoolExecutor(1, thread_name_prefix="rlq-update", initializer=torch.set_num_threads,
+                                  initargs=(threads,)) if self.overlap else None
 
         # QAT switches on at quant.start_step (online and target networks together)
         quant_start = self.agent.quant.start_at(total) if self.agent.quant.enabled else None
@@ -222,6 +252,7 @@ class Trainer:
             while self.step < total:
                 if quant_start is not None and self.step >= quant_start:
                     if not self.agent.quant_active:  # (a resumed run may already be quantized)
+                        last_metrics = self._drain(skip_nonfinite) or last_metrics
                         self.agent.start_quantization()
                         self.logger.log(self.step, {"quant_started": 1.0}, kind="event")
                     quant_start = None
@@ -250,27 +281,20 @@ class Trainer:
                 if self.vector_steps % train_freq == 0 and len(self.buffer) >= min_fill:
                     if self.per:  # importance-sampling exponent: beta0 -> 1 over the run
                         self.buffer.sampler.set_progress(self.step / total)
-                    for _ in range(gradient_steps):
-                        batch = self.buffer.sample(batch_size)
-                        out = self.agent.update(batch)
-                        self.updates += 1
-                        self.agent.on_update_round(self.updates)
-                        if out.priorities is not None:
-                            self.buffer.update_priorities(batch.idx.numpy(), out.priorities)
-                        loss = out.metrics.get("loss")
-                        if loss is not None and not math.isfinite(loss):  # the agent applied nothing
-                            if skip_nonfinite:
-                                self.skipped_updates += 1
-                                self.logger.log(self.step, {"nonfinite_loss_skipped": float(self.skipped_updates)},
-                                                kind="event")
-                                continue
-                            raise TrainingStopped(
-                                f"non-finite loss or gradient ({loss}) at step {self.step}: training diverged; the "
-                                f"last good checkpoint in {self.run_dir / 'checkpoints'} is kept (lower agent.lr, or "
-                                f"nonfinite=skip to drop such batches)")
-                        last_metrics = out.metrics
+                    if pool is None:
+                        for _ in range(gradient_steps):
+                            batch = self.buffer.sample(batch_size)
+                            outs = self._run_updates([batch], self.updates, skip_nonfinite)
+                            last_metrics = self._record_updates([batch], outs, skip_nonfinite) or last_metrics
+                    else:  # finish the round in flight, refresh the actor's copy, start this round
+                        last_metrics = self._drain(skip_nonfinite) or last_metrics
+                        self.agent.sync_acting_copies()
+                        batches = [self.buffer.sample(batch_size) for _ in range(gradient_steps)]
+                        self._pending = (batches, pool.submit(self._run_updates, batches, self.updates,
+                                                              skip_nonfinite))
 
                 if self.step // log_every > prev_step // log_every or self.step >= total:
+                    last_metrics = self._drain(skip_nonfinite) or last_metrics  # (records as synchronous ones)
                     now = time.perf_counter()
                     dt = max(now - t_log, 1e-9)
                     sps, ups = (self.step - step_log) / dt, (self.updates - upd_log) / dt
@@ -285,6 +309,7 @@ class Trainer:
 
                 if ((eval_every > 0 and self.step // eval_every > prev_step // eval_every)
                         or (self.step >= total and cfg.eval.final)):
+                    last_metrics = self._drain(skip_nonfinite) or last_metrics
                     last_eval = self.evaluate()
                     self.logger.log(self.step, last_eval, kind="eval")
                     self.progress.update(self.step, {"eval": last_eval["return_mean"],
@@ -294,16 +319,22 @@ class Trainer:
                         break
 
                 if ckpt_every > 0 and self.step // ckpt_every > prev_step // ckpt_every:
+                    last_metrics = self._drain(skip_nonfinite) or last_metrics
                     self.save()
                 if self._stop_reason is not None:
                     raise TrainingStopped(f"stopped by {self._stop_reason}")
+            last_metrics = self._drain(skip_nonfinite) or last_metrics
         except TrainingStopped as stop:
             if self._stop_reason is not None:
+                self._drain(skip_nonfinite)
                 path = self.save()
                 print(f"\n{stop} at step {self.step}; checkpoint saved to {path}. Resume with:\n"
                       f"  python -m rlq.train resume={self.run_dir}", file=sys.stderr)
             raise
         finally:
+            if pool is not None:
+                self._pending = None  # (an exception above leaves a round we no longer record)
+                pool.shutdown(wait=True)
             for s, h in old_handlers.items():
                 signal.signal(s, h)
             self.progress.close()
@@ -315,6 +346,48 @@ class Trainer:
                    "eval": last_eval, "best_eval": self.best_eval, "checkpoint": str(path)}
         self.logger.flush()
         return summary
+
+    # -- updates --------------------------------------------------------------------------------------
+    def _run_updates(self, batches: list[Batch], updates_before: int, skip_nonfinite: bool) -> list[Any]:
+        """``agent.update`` (then ``on_update_round``) on each batch, stopping after a non-finite loss unless
+        such batches are skipped. Touches only the agent: overlap mode runs it in the worker thread."""
+        outs = []
+        for batch in batches:
+            out = self.agent.update(batch)
+            outs.append(out)
+            self.agent.on_update_round(updates_before + len(outs))
+            loss = out.metrics.get("loss")
+            if loss is not None and not math.isfinite(loss) and not skip_nonfinite:
+                break
+        return outs
+
+    def _record_updates(self, batches: list[Batch], outs: list[Any], skip_nonfinite: bool) -> dict[str, float] | None:
+        """Counters, priorities and the non-finite policy for finished updates; the last good metrics."""
+        metrics = None
+        for batch, out in zip(batches, outs):
+            self.updates += 1
+            if out.priorities is not None:
+                self.buffer.update_priorities(batch.idx.numpy(), out.priorities)
+            loss = out.metrics.get("loss")
+            if loss is not None and not math.isfinite(loss):  # the agent applied nothing
+                if skip_nonfinite:
+                    self.skipped_updates += 1
+                    self.logger.log(self.step, {"nonfinite_loss_skipped": float(self.skipped_updates)}, kind="event")
+                    continue
+                raise TrainingStopped(
+                    f"non-finite loss or gradient ({loss}) at step {self.step}: training diverged; the "
+                    f"last good checkpoint in {self.run_dir / 'checkpoints'} is kept (lower agent.lr, or "
+                    f"nonfinite=skip to drop such batches)")
+            metrics = out.metrics
+        return metrics
+
+    def _drain(self, skip_nonfinite: bool) -> dict[str, float] | None:
+        """Overlap mode: wait for the update round in flight and record it (a no-op otherwise)."""
+        if self._pending is None:
+            return None
+        batches, future = self._pending
+        self._pending = None
+        return self._record_updates(batches, future.result(), skip_nonfinite)
 
     def close(self) -> None:
         if self.logger is not None:

@@ -36,6 +36,11 @@ CASES = [  # (arguments, text the one error line must contain)
     (["eval.nope=1"], "unknown config key 'eval.nope': valid keys under 'eval' are episodes, every"),
     (["device=tpu"], "device='tpu' is not a device: use cpu or cuda[:N]"),
     (["nonfinite=maybe"], "nonfinite='maybe' is not a choice: use stop or skip"),
+    (["overlap=maybe"], "overlap='maybe' is not a boolean: use true or false"),
+    (["agent=sac", "env=Pendulum", "overlap=true"], "overlap=true is not supported by agent 'sac': use overlap=false, "
+                                                    "or one of"),
+    (["agent.amp=fp16"], "agent.amp='fp16' is not a choice: use none or bf16"),
+    (["agent.amp=bf16", "quant=w8a8"], "agent.amp=bf16 cannot be combined with quant=w8a8"),
     (["agent.encoder=conv"], "agent.encoder='conv' is not an encoder: choose one of auto, cnn, mlp"),
     (["quant=w8a8", "quant.weight_mode=foo"], "quant.weight_mode='foo': choose one of max, lsq, quest"),
     # wrong types

@@ -5,9 +5,11 @@ batches, and tells it the current exploration rate through ``act(..., explore=Tr
 """
 from __future__ import annotations
 
+import copy
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,9 +40,18 @@ class Agent(ABC):
     ``quant:`` config. A subclass passes every network it trains through :meth:`quantize` right after
     building it (before its optimizers); the trainer calls :meth:`start_quantization` at
     ``quant.start_step``.
+
+    With the trainer's ``overlap=true``, ``update`` (and ``on_update_round``) run in a worker thread while
+    ``act`` and ``set_step`` go on in the loop: ``act`` must read only :meth:`acting_net` copies and state
+    that ``update`` does not write, and ``update`` nothing that ``act`` / ``set_step`` write. Agents that
+    declare :attr:`acting_nets` promise this.
     """
 
     name: str = "agent"
+    #: attribute names of the networks ``act`` reads. The trainer's overlap mode (``overlap=true``) runs
+    #: ``update`` in a worker thread while the env keeps stepping; ``act`` then reads private copies of these
+    #: networks (:meth:`use_acting_copies`), refreshed between updates (:meth:`sync_acting_copies`).
+    acting_nets: tuple[str, ...] = ()
 
     def __init__(self, cfg: Any, observation_space: gym.Space, action_space: gym.Space, device: str = "cpu",
                  seed: int = 0, quant: Any = None):
@@ -97,6 +108,45 @@ class Agent(ABC):
         optimizer.step()
         return value
 
+    # -- acting while an update runs (the trainer's overlap mode) --------------------------------------
+    def use_acting_copies(self) -> None:
+        """Make :meth:`acting_net` return frozen copies of the :attr:`acting_nets`, so that ``act`` never reads
+        weights an optimizer is changing in another thread. The copies are exact until the next update;
+        :meth:`sync_acting_copies` brings them up to date (the trainer calls it after each update round)."""
+        if not self.acting_nets:
+            raise NotImplementedError(f"agent {self.name!r} does not support overlap=true (no acting_nets)")
+        self._acting_copies = {name: copy.deepcopy(getattr(self, name)).requires_grad_(False)
+                               for name in self.acting_nets}
+
+    def sync_acting_copies(self) -> None:
+        """Copy the current weights (and quantizer / noise state) into the acting copies, if any."""
+        for name, net in getattr(self, "_acting_copies", {}).items():
+            net.load_state_dict(getattr(self, name).state_dict())
+
+    def acting_net(self, name: str) -> nn.Module:
+        """The network ``act`` should read for attribute ``name``: its acting copy in overlap mode, else itself."""
+        copies = getattr(self, "_acting_copies", None)
+        return copies[name] if copies else getattr(self, name)
+
+    @contextmanager
+    def acting_originals(self) -> Iterator[None]:
+        """Within this block ``act`` reads the trained networks themselves (evaluation in overlap mode)."""
+        copies = getattr(self, "_acting_copies", None)
+        self._acting_copies = None
+        try:
+            yield
+        finally:
+            self._acting_copies = copies
+
+    def acting_state(self) -> dict[str, Any]:
+        """The acting copies' state (checkpoints of overlap-mode runs, for an exact resume)."""
+        return {name: net.state_dict() for name, net in (getattr(self, "_acting_copies", None) or {}).items()}
+
+    def load_acting_state(self, state: dict[str, Any]) -> None:
+        for name, net in (getattr(self, "_acting_copies", None) or {}).items():
+            if name in state:
+                net.load_state_dict(state[name])
+
     @abstractmethod
     def act(self, obs: np.ndarray, explore: bool) -> np.ndarray:
         """Actions for a batch of observations (leading dim = num_envs)."""
@@ -147,6 +197,11 @@ def register(*names: str) -> Callable[[type[Agent]], type[Agent]]:
 
 def agent_names() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def agent_class(name: str) -> type[Agent]:
+    """The class registered under ``name`` (``KeyError`` if none)."""
+    return _REGISTRY[name]
 
 
 def make_agent(cfg: Any, observation_space: gym.Space, action_space: gym.Space, device: str = "cpu",

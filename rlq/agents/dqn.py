@@ -82,6 +82,8 @@ class DQNAgent(Agent):
     through the replay buffer, ``n_step`` and ``prioritized``. The module docstring gives Rainbow's
     settings."""
 
+    acting_nets = ("online",)
+
     def __init__(self, cfg: Any, observation_space: gym.Space, action_space: gym.Space, device: str = "cpu",
                  seed: int = 0, quant: Any = None):
         super().__init__(cfg, observation_space, action_space, device, seed, quant)
@@ -97,6 +99,9 @@ class DQNAgent(Agent):
         self.eps_decay_steps = int(cfg.eps_decay_steps)
         self.tau, self.target_update_period = float(cfg.tau), int(cfg.target_update_period)
         self.max_grad_norm = float(cfg.max_grad_norm or 0.0)
+        # agent.amp=bf16: the update's network forwards (and so their backward) run under bf16 autocast;
+        # outputs are cast back to fp32 before targets and losses. Acting stays fp32 (batch-1 bf16 is slower).
+        self.amp = str(cfg.get("amp", "none"))
         self.online = self.quantize(self.build_network().to(self.device))
         self.target = self.quantize(self.build_network().to(self.device))
         self.target.load_state_dict(self.online.state_dict())
@@ -143,12 +148,13 @@ class DQNAgent(Agent):
     def greedy(self, obs: np.ndarray, noise: bool = False) -> np.ndarray:
         """argmax_a Q(obs, a); with noisy nets, ``noise=True`` acts with freshly sampled noise and
         ``noise=False`` with the mean weights (evaluation)."""
+        net = self.acting_net("online")
         if noise:
-            reset_noise(self.online)
+            reset_noise(net)
         # mean weights unless acting with noise; nets without noisy layers skip the module walk
-        mean_weights = noise_disabled(self.online) if self.noisy and not noise else nullcontext()
+        mean_weights = noise_disabled(net) if self.noisy and not noise else nullcontext()
         with torch.inference_mode(), mean_weights:
-            q = self.online.q_values(torch.as_tensor(obs, device=self.device))
+            q = net.q_values(torch.as_tensor(obs, device=self.device))
         return q.argmax(dim=1).cpu().numpy()
 
     def act(self, obs: np.ndarray, explore: bool) -> np.ndarray:
@@ -165,24 +171,32 @@ class DQNAgent(Agent):
         return actions
 
     # -- learning -----------------------------------------------------------------------------------
+    def _forward(self, net: nn.Module, obs: torch.Tensor, q_values: bool = False) -> torch.Tensor:
+        """``net(obs)`` (or ``net.q_values(obs)``) in fp32; under bf16 autocast when ``agent.amp=bf16``."""
+        fn = net.q_values if q_values else net
+        if self.amp == "bf16":
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                return fn(obs).float()
+        return fn(obs)
+
     def _next_action(self, batch: Batch, target_out: torch.Tensor) -> torch.Tensor:
         """Greedy next action (B, 1): from the online net (Double DQN) or the target net's output."""
         if self.double:
-            return self.online.q_values(batch.next_obs).argmax(dim=1, keepdim=True)
+            return self._forward(self.online, batch.next_obs, q_values=True).argmax(dim=1, keepdim=True)
         q = self.target.head.q_values(target_out) if self.distributional else target_out
         return q.argmax(dim=1, keepdim=True)
 
     def td_target(self, batch: Batch) -> torch.Tensor:
         """Scalar target ``r + discount * Q_target(s', a*)``."""
         with torch.no_grad():
-            q_next_target = self.target(batch.next_obs)
+            q_next_target = self._forward(self.target, batch.next_obs)
             q_next = q_next_target.gather(1, self._next_action(batch, q_next_target)).squeeze(1)
             return batch.reward + batch.discount * q_next
 
     def distributional_target(self, batch: Batch) -> torch.Tensor:
         """C51 target: the target net's distribution at a*, projected through ``r + discount * z``."""
         with torch.no_grad():
-            next_log_p = self.target(batch.next_obs)
+            next_log_p = self._forward(self.target, batch.next_obs)
             a_star = self._next_action(batch, next_log_p).squeeze(1)
             next_p = gather_actions(next_log_p, a_star).exp()
             return categorical_projection(next_p, batch.reward, batch.discount, self.online.head.support)
@@ -193,14 +207,14 @@ class DQNAgent(Agent):
             reset_noise(self.target)
         action = batch.action.long()
         if self.distributional:
-            log_p = self.online(batch.obs)
+            log_p = self._forward(self.online, batch.obs)
             log_p_a = gather_actions(log_p, action)
             per_sample = categorical_loss(log_p_a, self.distributional_target(batch))
             loss = (batch.weights * per_sample).mean()
             q = self.online.head.q_values(log_p.detach()).gather(1, action.unsqueeze(1)).squeeze(1)
             priority = per_sample.detach()
         else:
-            q = self.online(batch.obs).gather(1, action.unsqueeze(1)).squeeze(1)
+            q = self._forward(self.online, batch.obs).gather(1, action.unsqueeze(1)).squeeze(1)
             target = self.td_target(batch)
             loss = (batch.weights * F.smooth_l1_loss(q, target, reduction="none")).mean()
             priority = (target - q).detach().abs()
