@@ -178,3 +178,22 @@ def test_bf16_update_matches_fp32_up_to_bf16_rounding():
     bf16.online.load_state_dict(fp32.online.state_dict())
     obs = batch.obs[:4].numpy()
     assert np.array_equal(bf16.greedy(obs), fp32.greedy(obs))
+
+
+# -- thread counts --------------------------------------------------------------------------------------------
+def test_small_acting_batches_run_on_one_thread():
+    from rlq.agents.base import SMALL_BATCH, acting_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with acting_threads(SMALL_BATCH):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with acting_threads(SMALL_BATCH + 1):
+            assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), acting_threads(1):
+            raise RuntimeError
+        assert torch.get_num_threads() == 2  # restored on errors too
+    finally:
+        torch.set_num_threads(before)

@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rlq.agents.base import Agent, UpdateOut, register
+from rlq.agents.base import Agent, UpdateOut, acting_threads, register
 from rlq.nets import DuelingHead, QHead, QNetwork, make_encoder
 from rlq.nets.distributional import CategoricalHead, categorical_loss, categorical_projection, gather_actions
 from rlq.nets.noisy import linear_factory, noise_disabled, reset_noise
@@ -153,7 +153,9 @@ class DQNAgent(Agent):
             reset_noise(net)
         # mean weights unless acting with noise; nets without noisy layers skip the module walk
         mean_weights = noise_disabled(net) if self.noisy and not noise else nullcontext()
-        with torch.inference_mode(), mean_weights:
+        # small acting batches on one thread (not in overlap mode: the learner thread shares the setting)
+        few = acting_threads(len(obs)) if getattr(self, "_acting_copies", None) is None else nullcontext()
+        with torch.inference_mode(), mean_weights, few:
             q = net.q_values(torch.as_tensor(obs, device=self.device))
         return q.argmax(dim=1).cpu().numpy()
 
