@@ -279,7 +279,7 @@ def resume_config(run_dir: str, overrides: list[str]) -> DictConfig:
     bad = [o for o in overrides if not o.lstrip("+~").startswith(RESUMABLE_OVERRIDES)]
     if bad:
         raise ConfigError(f"resume cannot change {bad[0]!r}: a resumed run keeps its saved config "
-                          f"(allowed: total_steps, eval.*, checkpoint.*, log.*, threads, device)")
+                          f"(allowed: total_steps, eval.*, checkpoint.*, log.*, threads, device, overlap)")
     cfg = OmegaConf.load(saved)
     for k, v in _parse_overrides(overrides).items():
         if k != "resume":
