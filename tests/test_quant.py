@@ -272,6 +272,160 @@ def test_fused_training_forward_equals_the_composed_quantizers(act_mode, weight_
     assert yf.grad_fn is not None and "QuantLayerFn" in type(yf.grad_fn).__name__
 
 
+@pytest.fixture
+def torch_ops(monkeypatch):
+    """Run the quantizers on torch ops only (the fallback of the native loops)."""
+    from rlq.quant import native
+    monkeypatch.setattr(native, "usable", lambda *t: None)
+
+
+def _native_or_skip():
+    from rlq.quant import native
+    if native.lib() is None:
+        pytest.skip(native.status())
+    return native
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit (signed zeros included), NaN where the other is NaN (payloads aside)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    nan = a.isnan()
+    if not torch.equal(nan, b.isnan()):
+        return False
+    return torch.equal(a[~nan].view(torch.int32), b[~nan].view(torch.int32))
+
+
+def _edge_tensor(n=4099, scale=0.05):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(n, generator=g) * 3
+    x[:64] = (torch.arange(-32, 32) + 0.5) * scale  # exact ties at half steps
+    x[64:70] = torch.tensor([0.0, -0.0, 1e30, -1e30, float("inf"), -float("inf")])
+    x[70] = float("nan")
+    x[71:75] = torch.tensor([-0.01, -0.024, 1e-40, -1e-40])  # round to -0.0 / +0.0; subnormals
+    return x
+
+
+@pytest.mark.parametrize("clip", [0, 1, 2])
+@pytest.mark.parametrize("lo,hi", [(-128.0, 127.0), (0.0, 255.0), (-7.0, 7.0)])
+def test_native_grid_equals_torch_ops(clip, lo, hi, monkeypatch):
+    """The native loops compute bit for bit what the torch ops do: ties to even, signed zeros, clamping, NaN
+    and infinities, the clipped-STE mask."""
+    from rlq.quant import functions as fq
+    native = _native_or_skip()
+    x = _edge_tensor()
+    if clip == 0:  # NO_CLIP is only used when nothing can leave the grid
+        x = x[torch.isfinite(x)].clamp(lo * 0.05, hi * 0.05)
+    got = fq.grid_fwd(x, 0.05, lo, hi, clip)
+    monkeypatch.setattr(native, "usable", lambda *t: None)
+    want = fq.grid_fwd(x, 0.05, lo, hi, clip)
+    assert _same_bits(got[0], want[0])
+    assert (got[1] is None) == (want[1] is None) and (got[1] is None or torch.equal(got[1], want[1]))
+
+
+def test_native_weight_and_lsq_loops_equal_torch_ops(monkeypatch):
+    from rlq.quant import functions as fq
+    native = _native_or_skip()
+    torch.manual_seed(0)
+    w = torch.randn(33, 70)
+    w[3] = 0.0  # an all-zero row: the EPS scale
+    w[4, :5] = torch.tensor([0.35, -0.35, 0.7, 1.05, -1.4])  # ties at the 4-bit grid of a 1.4 max (step 0.2)
+    w[6, :3] = torch.tensor([-0.0, -1e-4, 1e-4])  # round to signed zeros
+    wq = WeightQuantizer(4, "max", channels=33)
+    step = torch.rand(33) * 0.1 - 0.02  # some negative and tiny (< EPS after abs) steps
+    step[5] = 1e-9
+    g = torch.randn(33, 70)
+    got_w = wq._quant_nograd(w)
+    got = fq.lsq_step_fwd(w, step, -7, 7)
+    got_g, got_gs = fq.lsq_step_bwd(g.clone(), got[1], step, -7, 7, 0.3)
+    x = _edge_tensor()
+    got_mm = native.minmax(native.lib(), x[torch.isfinite(x)]), native.minmax(native.lib(), x)
+    monkeypatch.setattr(native, "usable", lambda *t: None)
+    assert _same_bits(got_w, wq._quant_nograd(w))
+    want = fq.lsq_step_fwd(w, step, -7, 7)
+    want_g, want_gs = fq.lsq_step_bwd(g.clone(), want[1], step, -7, 7, 0.3)
+    assert _same_bits(got[0], want[0]) and len(got[1]) == 1 and len(want[1]) == 2
+    assert _same_bits(got_g, want_g)
+    # the step gradients are sums over a row, added in another order: equal to float rounding
+    assert torch.allclose(got_gs, want_gs, rtol=1e-4, atol=1e-5 * float(want_gs.abs().max()))
+    assert got_mm[0] == tuple(float(v) for v in torch.aminmax(x[torch.isfinite(x)]))
+    assert all(math.isnan(v) for v in got_mm[1])
+
+
+@pytest.mark.parametrize("conv", [False, True])
+@pytest.mark.parametrize("act_mode,weight_mode,bits", FUSED_CASES)
+def test_native_training_step_equals_torch_ops(act_mode, weight_mode, bits, conv, monkeypatch):
+    """A fused QAT layer's forward and input/weight/bias gradients are the same bits with the native loops
+    and with the torch ops (the learned ranges' gradients, sums in another order, to float rounding)."""
+    import copy
+    native = _native_or_skip()
+    torch.manual_seed(1)
+    if conv:
+        layer = QuantConv2d(3, 5, 3, weight_bits=bits, act_bits=8, padding=1, stride=2,
+                            quant_kw=dict(weight_mode=weight_mode, act_mode=act_mode))
+        shape = (6, 3, 9, 9)
+    else:
+        layer = QuantLinear(40, 5, weight_bits=bits, act_bits=8, weight_mode=weight_mode, act_mode=act_mode)
+        shape = (6, 40)
+    layer(torch.randn(shape))
+    layer.set_quant_enabled(True)
+    x = torch.randn(shape) * 3  # beyond the observed range: clipped grids
+    g = torch.randn_like(layer(x))
+    results = []
+    for use_native in (True, False):
+        if not use_native:
+            monkeypatch.setattr(native, "usable", lambda *t: None)
+        m, xi = copy.deepcopy(layer), x.clone().requires_grad_()
+        y = m(xi)
+        y.backward(g)
+        results.append((y.detach(), xi.grad, {n: p.grad for n, p in m.named_parameters()}))
+    (y1, gx1, p1), (y2, gx2, p2) = results
+    assert _same_bits(y1, y2) and _same_bits(gx1, gx2)
+    for name in p1:
+        if name in ("weight", "bias"):
+            assert _same_bits(p1[name], p2[name]), name
+        elif p2[name] is not None:
+            assert torch.allclose(p1[name], p2[name], rtol=1e-5, atol=1e-7), name
+
+
+@pytest.mark.parametrize("act_mode,weight_mode,bits", FUSED_CASES[:4])
+def test_fused_forward_on_torch_ops_equals_the_composed_quantizers(act_mode, weight_mode, bits, torch_ops):
+    """The fused layer without the native loops (no C compiler, or a GPU) still equals the composed quantizers."""
+    test_fused_training_forward_equals_the_composed_quantizers(act_mode, weight_mode, bits, conv=False)
+
+
+@pytest.mark.parametrize("how", ["disabled", "no compiler", "compiler fails", "no source"])
+def test_without_the_native_loops_qat_falls_back_to_torch_ops(how, monkeypatch, tmp_path):
+    """No C compiler (or one that fails, or RLQ_QUANT_NATIVE=0, or no installed C source): nothing is built,
+    status() says why, and QAT runs on the torch ops."""
+    from rlq.quant import native
+    monkeypatch.setattr(native, "_status", "not loaded yet")
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setenv("RLQ_CACHE_DIR", str(tmp_path / "cache"))
+    if how == "disabled":
+        monkeypatch.setenv("RLQ_QUANT_NATIVE", "0")
+    elif how == "no compiler":
+        monkeypatch.delenv("CC", raising=False)
+        monkeypatch.setenv("PATH", str(tmp_path))
+    elif how == "compiler fails":
+        (tmp_path / "cc").write_text("#!/bin/sh\necho 'error: no' >&2\nexit 1\n")
+        (tmp_path / "cc").chmod(0o755)
+        monkeypatch.setenv("CC", str(tmp_path / "cc"))
+    else:
+        monkeypatch.setattr(native, "SOURCE", tmp_path / "missing.c")
+    monkeypatch.delenv("RLQ_QUANT_NATIVE", raising=False) if how != "disabled" else None
+    assert native.lib() is None and native.usable(torch.ones(3)) is None
+    assert native.status().endswith("torch ops")
+    assert {"disabled": "RLQ_QUANT_NATIVE=0", "no compiler": "no C compiler", "compiler fails": "failed",
+            "no source": "cannot read"}[how] in native.status()
+    assert not any((tmp_path / "cache").glob("*.so"))
+    layer = QuantLinear(7, 5, weight_bits=4, act_bits=8, weight_mode="lsq", act_mode="ema")
+    layer(torch.randn(6, 7))
+    layer.set_quant_enabled(True)
+    layer(torch.randn(6, 7, requires_grad=True)).sum().backward()
+    assert layer.weight.grad is not None and layer.wq.step.grad is not None
+
+
 def test_target_network_weights_are_quantized_once_per_target_update():
     from unittest import mock
     calls = []

@@ -22,6 +22,10 @@ from __future__ import annotations
 
 import torch
 
+from rlq.quant import native
+
+EPS = 1e-8      # smallest scale / step (learned steps and ranges are used as max(|p|, EPS))
+
 # clip levels of the fixed-grid quantizer (``grid_fwd``)
 NO_CLIP = 0     # the caller knows no value can leave the grid: no clamp, no mask (max-based weight scales)
 CLAMP = 1       # clamp to the grid; no gradient mask needed
@@ -32,6 +36,8 @@ CLAMP_MASK = 2  # clamp and return the clipped-STE mask
 def grid_fwd(x: torch.Tensor, s, lo: float, hi: float, clip: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Fixed grid: ``clamp(round(x / s), lo, hi) * s`` (lo = q_min - z, hi = q_max - z) and, with
     ``clip=CLAMP_MASK``, the clipped-STE mask (where ``round(x / s)`` lies inside [lo, hi])."""
+    if not torch.is_tensor(s) and (lb := native.usable(x)) is not None:
+        return native.fq_grid(lb, x, s, lo, hi, clip != NO_CLIP, clip == CLAMP_MASK)
     q = (x / s).round_()  # (in place: one allocation, not two, per quantized tensor)
     if clip == NO_CLIP:
         return q.mul_(s), None
@@ -61,6 +67,34 @@ def lsq_bwd(grad: torch.Tensor, inside: torch.Tensor, ds: torch.Tensor, s_shape:
     ``inplace``: ``grad`` is the caller's own tensor; the input gradient is written over it."""
     gs = (grad * ds).sum_to_size(s_shape) * grad_scale
     return (grad.mul_(inside) if inplace else grad * inside), gs
+
+
+def step_chain(g_s: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """Gradient of a raw learned parameter ``p`` used as ``s = max(|p|, EPS)`` (reshaped), from d/ds: what
+    autograd's reshape, clamp_min and abs backward compute."""
+    return torch.where(param.abs() >= EPS, g_s.reshape(param.shape), 0.0) * param.sgn()
+
+
+def lsq_step_fwd(x: torch.Tensor, step: torch.Tensor, lo: float, hi: float
+                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """LSQ with the step given raw (``s = max(|step|, EPS)``; one step per row of ``x``, or one 0-d step for
+    the tensor): (fake-quant values, what :func:`lsq_step_bwd` needs). The native loops keep only ``x`` and
+    recompute ``x / s`` in the backward; the torch ops keep :func:`lsq_fwd`'s mask and d/ds."""
+    if (lb := native.usable(x, step)) is not None:
+        return native.fq_lsq(lb, x, step, EPS, lo, hi), (x,)
+    s = step.abs().clamp_min(EPS)
+    out, inside, ds = lsq_fwd(x, s.reshape((-1,) + (1,) * (x.dim() - 1)) if step.dim() else s, lo, hi)
+    return out, (inside, ds)
+
+
+def lsq_step_bwd(g: torch.Tensor, saved: tuple[torch.Tensor, ...], step: torch.Tensor, lo: float, hi: float,
+                 grad_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d/dx written over ``g``, d/d raw step) for :func:`lsq_step_fwd`."""
+    if len(saved) == 1:  # the native forward
+        return native.lsq_bwd(native.lib(), g, saved[0], step, EPS, lo, hi, grad_scale)
+    s_shape = torch.Size((step.numel(),) + (1,) * (g.dim() - 1)) if step.dim() else torch.Size(())
+    gx, gs = lsq_bwd(g, saved[0], saved[1], s_shape, grad_scale, inplace=True)
+    return gx, step_chain(gs, step)
 
 
 def pact_fwd(x: torch.Tensor, alpha: torch.Tensor, levels: float
@@ -196,8 +230,8 @@ class QuantLayerFn(torch.autograd.Function):
     quantizer's ``train_fwd`` / ``train_bwd`` and its weight quantizer's ``train_fwd`` / ``train_bwd``
     provide the estimators (the same ``*_fwd`` / ``*_bwd`` functions as the single-quantizer
     Functions), its ``op_fwd`` / ``op_bwd`` the matmul or convolution and their gradients.
-    ``a_param`` / ``w_param``: the learned input range (LSQ step, PACT alpha) and the weight scale tensor
-    (LSQ: the learned steps, so they get gradients), or None; ``a_info``: the input quantizer's
+    ``a_param`` / ``w_param``: the raw learned input range (LSQ step, PACT alpha) and the raw LSQ weight
+    steps (used as ``max(|p|, EPS)``; their gradients chain through that), or None; ``a_info``: the input quantizer's
     parameters for this batch (from ``ActQuantizer.train_info``). The fake-quant weights are handed to
     the weight quantizer's cache (``remember``) for the no-grad forwards that follow before the next
     optimizer step.
@@ -206,25 +240,26 @@ class QuantLayerFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, a_param, w_param, layer, a_info):
         need_x, need_w, _, need_a, need_s = ctx.needs_input_grad[:5]
-        xq, a_saved = layer.act.train_fwd(x, a_param, a_info, need_x or need_a)
-        wq, w_saved = layer.wq.train_fwd(weight, w_param, need_w or need_s)
-        layer.wq.remember(weight, wq)
+        act, wquant = layer._q
+        xq, a_saved = act.train_fwd(x, a_param, a_info, need_x or need_a)
+        wq, w_saved = wquant.train_fwd(weight, w_param, need_w or need_s)
+        wquant.remember(weight, wq)
         ctx.layer, ctx.has_bias, ctx.n_a, ctx.a_info = layer, bias is not None, len(a_saved), a_info
-        ctx.w_shape = None if w_param is None else w_param.shape
-        ctx.save_for_backward(xq, wq, *a_saved, *w_saved)
+        ctx.save_for_backward(xq, wq, a_param, w_param, *a_saved, *w_saved)
         return layer.op_fwd(xq, wq, bias)
 
     @staticmethod
     def backward(ctx, grad):
         need_x, need_w, need_b, need_a, need_s = ctx.needs_input_grad[:5]
-        xq, wq, *saved = ctx.saved_tensors
+        xq, wq, a_param, w_param, *saved = ctx.saved_tensors
         n_a, layer = ctx.n_a, ctx.layer
         g_xq, g_wq, gb = layer.op_bwd(grad, xq, wq, need_x or need_a, need_w or need_s, need_b and ctx.has_bias)
         gx = ga = gw = gs = None
+        act, wquant = layer._q
         if g_xq is not None:
-            gx, ga = layer.act.train_bwd(g_xq, saved[:n_a], ctx.a_info)
+            gx, ga = act.train_bwd(g_xq, saved[:n_a], ctx.a_info, a_param)
         if g_wq is not None:
-            gw, gs = layer.wq.train_bwd(g_wq, saved[n_a:], ctx.w_shape)
+            gw, gs = wquant.train_bwd(g_wq, saved[n_a:], w_param)
         return (gx if need_x else None, gw if need_w else None, gb, ga if need_a else None,
                 gs if need_s else None, None, None)
 

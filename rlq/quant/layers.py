@@ -38,6 +38,9 @@ class _QuantMixin:
         self.wq = WeightQuantizer(weight_bits, weight_mode, channels, trust)
         dev = self.quant_weight().device
         self.act.to(dev), self.wq.to(dev)
+        # the same two submodules as a plain attribute: a submodule lookup goes through nn.Module.__getattr__
+        # (a Python function), and the hot paths below read them several times per forward
+        self.__dict__["_q"] = (self.act, self.wq)
 
     def quant_weight(self) -> torch.Tensor:
         return self.weight
@@ -55,7 +58,7 @@ class _QuantMixin:
     def _train_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """The fused training forward (None: use the composed path). Frozen weights (e.g. critics held
         fixed during an actor loss) take their cached fake-quant copy instead."""
-        act, wq, w = self.act, self.wq, self.weight
+        (act, wq), w = self._q, self.weight
         if not (act.enabled and wq.enabled) or torch.is_autocast_enabled(x.device.type):
             return None
         if not w.requires_grad and (wq.step is None or not wq.step.requires_grad):
@@ -76,7 +79,7 @@ class QuantLinear(_QuantMixin, nn.Linear):
         self._init_quant(weight_bits, act_bits, **quant_kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        act, wq = self.act, self.wq
+        act, wq = self._q
         if not (act.enabled or wq.enabled):  # before quant.start_step: a float layer; the observer observes
             act.observe_if_training(x)
             return F.linear(x, self.weight, self.bias)
@@ -103,7 +106,7 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
         self._init_quant(weight_bits, act_bits, **(quant_kw or {}))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        act, wq = self.act, self.wq
+        act, wq = self._q
         if not (act.enabled or wq.enabled):  # before quant.start_step: a float layer; the observer observes
             act.observe_if_training(x)
             return self._conv_forward(x, self.weight, self.bias)

@@ -38,12 +38,14 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from rlq.quant.functions import (CLAMP, CLAMP_MASK, GAUSSIAN_MSE_CLIP, NO_CLIP, fake_quant, grid_fwd, lsq_bwd,
-                                 lsq_fwd, lsq_quant, pact_bwd, pact_fwd, pact_quant, trust_fwd, trust_quant)
+from rlq.quant import native
+from rlq.quant.functions import (CLAMP, CLAMP_MASK, EPS, GAUSSIAN_MSE_CLIP, NO_CLIP, fake_quant, grid_fwd, lsq_quant,
+                                 lsq_step_bwd, lsq_step_fwd, pact_bwd, pact_fwd, pact_quant, step_chain, trust_fwd,
+                                 trust_quant)
 
 WEIGHT_MODES = ("max", "lsq", "quest")
 ACT_MODES = ("ema", "lsq", "pact")
-_EPS = 1e-8
+_EPS = EPS
 
 
 # Cache generation: bumped after every optimizer step anywhere. Fused optimizers (Adam(fused=True))
@@ -201,6 +203,8 @@ class WeightQuantizer(_StateMixin, nn.Module):
     def _quant_nograd(self, w: torch.Tensor) -> torch.Tensor:
         """The same values as :meth:`_quant` without autograd bookkeeping (no masks)."""
         with torch.no_grad():
+            if self.mode == "max" and self.bits > 1 and (lb := native.usable(w)) is not None:
+                return native.fq_weight_max(lb, w, self.q_max, _EPS)[0]
             s = self.scale(w)
             if self.bits == 1:
                 return torch.where(w >= 0, 1.0, -1.0).to(w.dtype).mul_(s)
@@ -212,37 +216,38 @@ class WeightQuantizer(_StateMixin, nn.Module):
 
     # -- the fused layer's pieces (rlq.quant.functions.QuantLayerFn) ------------------------------------
     def train_param(self, w: torch.Tensor) -> torch.Tensor | None:
-        """The tensor through which the fused layer's weight quantizer gets gradients (LSQ's scale)."""
-        return self.scale(w) if self.mode == "lsq" else None
+        """The parameter the fused layer's weight quantizer differentiates (LSQ's raw steps), or None."""
+        return self.step if self.mode == "lsq" else None
 
-    def train_fwd(self, w: torch.Tensor, s: torch.Tensor | None, need_grad: bool
+    def train_fwd(self, w: torch.Tensor, step: torch.Tensor | None, need_grad: bool
                   ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """(fake-quant weights, tensors for :meth:`train_bwd`): the values of :meth:`_quant`."""
-        if s is None:
-            s = self.scale(w)
+        if self.mode == "max" and self.bits > 1:  # never clipped: a plain STE, nothing to save
+            if (lb := native.usable(w)) is not None:
+                return native.fq_weight_max(lb, w, self.q_max, _EPS)[0], ()
+            return grid_fwd(w, self.scale(w), -self.q_max, self.q_max, NO_CLIP)[0], ()
+        if self.mode == "lsq" and self.bits > 1:
+            return lsq_step_fwd(w, step, -self.q_max, self.q_max)
+        s = self.scale(w).detach()
         if self.bits == 1:
             codes = torch.where(w >= 0, 1.0, -1.0).to(w.dtype)
             saved = ((w.abs() <= s, codes) if self.mode == "lsq" else (w.abs() <= s,)) if need_grad else ()
             return codes * s, saved
-        if self.mode == "lsq":
-            out, inside, ds = lsq_fwd(w, s, -self.q_max, self.q_max)
-            return out, (inside, ds)
-        if self.mode == "quest":
-            out, keep = trust_fwd(w, s, 0.0, -self.q_max, self.q_max, s * (0.5 * self.trust))
-            return out, (keep,)
-        return grid_fwd(w, s, -self.q_max, self.q_max, NO_CLIP)[0], ()
+        out, keep = trust_fwd(w, s, 0.0, -self.q_max, self.q_max, s * (0.5 * self.trust))  # quest
+        return out, (keep,)
 
-    def train_bwd(self, g: torch.Tensor, saved: tuple[torch.Tensor, ...], s_shape: torch.Size | None
+    def train_bwd(self, g: torch.Tensor, saved: tuple[torch.Tensor, ...], step: torch.Tensor | None
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(d/dW, d/d scale) from the gradient of the fake-quant weights."""
+        """(d/dW, d/d raw step) from the gradient of the fake-quant weights (``g``, the fused layer's own
+        tensor, is masked in place)."""
+        if self.mode == "max" and self.bits > 1:
+            return g, None
+        if self.mode == "lsq" and self.bits > 1:
+            return lsq_step_bwd(g, saved, step, -self.q_max, self.q_max, self._grad_scale(g))
         if self.bits == 1:
-            gs = (g * saved[1]).sum_to_size(s_shape) if self.mode == "lsq" else None
+            gs = step_chain((g * saved[1]).sum_to_size(self._shape(g)), step) if self.mode == "lsq" else None
             return g * saved[0], gs
-        if self.mode == "lsq":  # (g is the fused layer's own weight gradient: masked in place)
-            return lsq_bwd(g, saved[0], saved[1], s_shape, self._grad_scale(g), inplace=True)
-        if self.mode == "quest":
-            return g.mul_(saved[0]), None
-        return g, None
+        return g.mul_(saved[0]), None  # quest
 
 
 class ActQuantizer(_StateMixin, nn.Module):
@@ -250,7 +255,7 @@ class ActQuantizer(_StateMixin, nn.Module):
 
     _STATE = ("enabled", "initialized", "observed", "calibrating", "frozen", "signed_input", "min_val",
               "max_val", "mean_abs", "zero_point", "on_grid")
-    _PLAIN = frozenset(_STATE)
+    _PLAIN = frozenset(_STATE + ("_qp",))
 
     def __init__(self, bits: int, mode: str = "ema", momentum: float = 0.99):
         super().__init__()
@@ -271,6 +276,7 @@ class ActQuantizer(_StateMixin, nn.Module):
         self.on_grid = False       # inputs are known to be exact grid values (uint8 pixels / 255): identity
         self.step = nn.Parameter(torch.ones(())) if mode == "lsq" else None
         self.alpha = nn.Parameter(torch.ones(1)) if mode == "pact" else None
+        self._qp: tuple = (None, None)  # (min, max) -> EMA (scale, zero point), the last one computed
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, mode={self.mode}"
@@ -279,7 +285,8 @@ class ActQuantizer(_StateMixin, nn.Module):
     def observe(self, x: torch.Tensor) -> tuple[float, float]:
         """Update the statistics with a batch; returns the batch's (min, max)."""
         x = x.detach() if x.requires_grad else x
-        lo, hi = (float(v) for v in torch.aminmax(x))
+        lb = native.usable(x)
+        lo, hi = native.minmax(lb, x) if lb is not None else (float(v) for v in torch.aminmax(x))
         need_abs = self.calibrating or (self.mode == "lsq" and not self.initialized)
         ma = float(x.abs().mean()) if need_abs else self.mean_abs
         if not self.observed:
@@ -315,9 +322,14 @@ class ActQuantizer(_StateMixin, nn.Module):
         return self._ema_qparams()
 
     def _ema_qparams(self) -> tuple[float, float]:
+        key = (self.min_val, self.max_val)
+        if self._qp[0] == key:  # (a target network's ranges stay put between target updates)
+            return self._qp[1]
         lo, hi = min(self.min_val, 0.0), max(self.max_val, 0.0)
         s = f32(max((hi - lo) / self.q_max, _EPS))
-        return s, float(min(max(round(-lo / s), 0), self.q_max))
+        qp = (s, float(min(max(round(-lo / s), 0), self.q_max)))
+        self._qp = (key, qp)
+        return qp
 
     @torch.no_grad()
     def init_from_observer(self) -> None:
@@ -401,13 +413,9 @@ class ActQuantizer(_StateMixin, nn.Module):
         return ("ema", s, lo, hi, clip)
 
     def train_param(self) -> torch.Tensor | None:
-        """The learned range the fused layer differentiates (LSQ step, PACT alpha), or None."""
+        """The raw learned range the fused layer differentiates (LSQ step, PACT alpha), or None."""
         mode = self.effective_mode
-        if mode == "lsq":
-            return self.step.abs().clamp_min(_EPS)
-        if mode == "pact":
-            return self.alpha.abs().clamp_min(_EPS)
-        return None
+        return self.step if mode == "lsq" else self.alpha if mode == "pact" else None
 
     def train_fwd(self, x: torch.Tensor, param: torch.Tensor | None, info: tuple, need_grad: bool
                   ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
@@ -420,21 +428,24 @@ class ActQuantizer(_StateMixin, nn.Module):
             out, mask = grid_fwd(x, s, lo, hi, clip)
             return out, (() if mask is None else (mask,))
         if kind == "lsq":
-            out, inside, ds = lsq_fwd(x, param, info[1], info[2])
-            return out, (inside, ds)
+            return lsq_step_fwd(x, param, info[1], info[2])
         if kind == "pact":
-            out, inside, above = pact_fwd(x, param, float(self.q_max))
+            out, inside, above = pact_fwd(x, param.abs().clamp_min(_EPS), float(self.q_max))
             return out, (inside, above)
         return x, ()
 
-    def train_bwd(self, g: torch.Tensor, saved: tuple[torch.Tensor, ...], info: tuple
+    def train_bwd(self, g: torch.Tensor, saved: tuple[torch.Tensor, ...], info: tuple, param: torch.Tensor | None
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(d/dx, d/d learned range) from the gradient of the fake-quant input."""
+        """(d/dx, d/d raw learned range) from the gradient of the fake-quant input (``g``, the fused layer's
+        own tensor, is masked in place)."""
         kind = info[0]
         if kind == "ema":
-            return (g.mul_(saved[0]) if saved else g), None
+            if not saved:
+                return g, None
+            return native.mask_mul(g, saved[0]), None
         if kind == "lsq":
-            return lsq_bwd(g, saved[0], saved[1], torch.Size(()), info[3], inplace=True)
+            return lsq_step_bwd(g, saved, param, info[1], info[2], info[3])
         if kind == "pact":
-            return pact_bwd(g, saved[0], saved[1])
+            gx, ga = pact_bwd(g, saved[0], saved[1])
+            return gx, step_chain(ga, param)
         return g, None
