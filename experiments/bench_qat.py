@@ -2,12 +2,16 @@
 relative to fp32, for the CartPole MLP and the Nature CNN (Pong shapes). Settings alternate inside each
 round so that machine noise hits them alike; medians over rounds.
 
-    python experiments/bench_qat.py [--rounds 7] [--iters 60] [--threads 1]
+    python experiments/bench_qat.py [--rounds 7] [--iters 60] [--threads 1] [--clock process|wall]
 
-Each round times ``--iters`` updates per setting (after a warm-up): fp32, w8a8 (max-based weight scales,
+Each round times ``--iters`` updates per setting (after a warm-up; the order of the settings rotates from
+round to round): fp32, w8a8 (max-based weight scales,
 EMA activation ranges), w4a8 (LSQ weights), w2a8 (LSQ weights), w4a8 with LSQ activations, w8a8 with
-QuEST weights. Then the whole training loop's env steps/s (fp32, w8a8, w4a8) on CartPole and Pong.
-Writes experiments/results/bench_qat.md with the machine, versions and command.
+QuEST weights. Then the whole training loop's env steps per second (fp32, w8a8, w4a8) on CartPole and Pong.
+``--clock process`` (default) times with this process's CPU time (``time.process_time``): on a machine
+shared with other jobs, wall time also counts the time the process waits for a core; ``wall`` for a quiet
+machine. Writes experiments/results/bench_qat.md with the machine, versions, the fake-quant implementation
+(``rlq.quant.native.status()``) and the command.
 """
 from __future__ import annotations
 
@@ -57,16 +61,20 @@ def make(overrides: list[str], obs_space, n_actions: int):
     return agent, batch
 
 
+CLOCK = {"process": time.process_time, "wall": time.perf_counter}
+clock = time.process_time
+
+
 def time_updates(agent, batch, iters: int) -> float:
-    t0 = time.perf_counter()
+    t0 = clock()
     for _ in range(iters):
         agent.update(batch)
-    return (time.perf_counter() - t0) / iters * 1e3
+    return (clock() - t0) / iters * 1e3
 
 
 def loop_sps(net_ov: list[str], quant_ov: list[str], steps: int, learning_starts: int) -> float:
-    """Env steps per second of the whole training loop (act, env step, replay add, updates) after the
-    warm-up, with quantization on from the first update."""
+    """Env steps per second of the whole training loop (act, env step, replay add, updates), warm-up
+    (``learning_starts`` random steps) included, with quantization on from the first update."""
     import tempfile
 
     from rlq.trainer import Trainer
@@ -78,12 +86,12 @@ def loop_sps(net_ov: list[str], quant_ov: list[str], steps: int, learning_starts
     with tempfile.TemporaryDirectory() as d:
         tr = Trainer(cfg, d)
         try:
+            t0 = clock()
             tr.train()
-            from rlq.logging import read_metrics
-            recs = [r for r in read_metrics(d, "train") if r["step"] > learning_starts]
+            dt = clock() - t0
         finally:
             tr.close()
-    return statistics.median(r["sps"] for r in recs)
+    return (learning_starts + steps) / dt
 
 
 def main() -> None:
@@ -92,8 +100,12 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=60, help="updates per setting per round (CNN: a quarter)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--loop-rounds", type=int, default=3, help="rounds of the whole-loop measurement (0: skip)")
+    ap.add_argument("--clock", choices=sorted(CLOCK), default="process")
     args = ap.parse_args()
+    global clock
+    clock = CLOCK[args.clock]
     torch.set_num_threads(args.threads)
+    from rlq.quant import native
     command = "python " + " ".join(["experiments/bench_qat.py", *sys.argv[1:]])
     rows = []
     for net_name, (net_ov, space, n_act) in NETS.items():
@@ -102,8 +114,10 @@ def main() -> None:
         for agent, batch in agents.values():  # warm-up
             time_updates(agent, batch, 5)
         times: dict[str, list[float]] = {k: [] for k in SETTINGS}
+        names = list(agents)
         for r in range(args.rounds):
-            for k, (agent, batch) in agents.items():
+            for k in names[r % len(names):] + names[:r % len(names)]:  # a rotating order: no setting always first
+                agent, batch = agents[k]
                 times[k].append(time_updates(agent, batch, iters))
             print(f"{net_name} round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.2f} ms" for k, v in times.items()),
                   flush=True)
@@ -132,17 +146,19 @@ def main() -> None:
         f"Command: `{command}`  ",
         f"Machine: {platform.processor() or platform.machine()}, {args.threads} torch thread(s); python "
         f"{platform.python_version()}, torch {torch.__version__}  ",
+        f"Fake-quant loops: {native.status()}; clock: {args.clock} time  ",
         f"Written: {time.strftime('%Y-%m-%d %H:%M')}. {args.rounds} rounds, settings alternating inside each round; "
-        "ratio = median over rounds of (setting / fp32 in the same round).",
+        "ratio = median over rounds of (setting / fp32 in the same round); the order of the settings rotates from "
+        "round to round.",
         "",
         "| network | setting | ms / update (median) | ratio to fp32 |",
         "|---|---|---|---|",
     ]
     lines += [f"| {n} | {k} | {med:.2f} | {ratio:.2f}x |" for n, k, med, ratio, _ in rows]
     if loop_rows:
-        lines += ["", "Whole training loop (act + env step + replay + one update per train_freq), quantization on "
-                  "from the first update, 1 env, 1 thread; time ratio = fp32 steps/s / setting steps/s "
-                  "(median over rounds):", "",
+        lines += ["", "Whole training loop (act + env step + replay + one update per train_freq; the random warm-up "
+                  "steps included), quantization on from the first update, 1 env, 1 thread; time ratio = fp32 "
+                  "steps/s / setting steps/s (median over rounds):", "",
                   "| network | setting | env steps / s | time ratio to fp32 |", "|---|---|---|---|"]
         lines += [f"| {n} | {k} | {sps:.0f} | {ratio:.2f}x |" for n, k, sps, ratio in loop_rows]
     text = "\n".join(lines) + "\n"
