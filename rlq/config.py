@@ -159,12 +159,19 @@ def validate(cfg: DictConfig) -> None:
         _num(cfg, "agent.policy_delay", int, 1)
     if "target_entropy_scale" in a:
         _num(cfg, "agent.target_entropy_scale", float, 0, 1)
-    if "max_speed" in a:  # EauDeQN (agent=eaudeqn)
+    if "max_speed" in a:  # EauDeQN (agent=eaudeqn; the critics of agent=eaudesac)
         _num(cfg, "agent.n_networks", int, 2)
         _num(cfg, "agent.max_speed", float, 0, 1, lo_open=True)
         if a.get("prune_scope") not in ("layer", "global"):
             raise ConfigError(f"agent.prune_scope={a.get('prune_scope')!r} is not a pruning scope: choose layer or global")
-        if a.get("tau", 1.0) < 1.0:
+        if "critic_sparsity" in a:
+            if a.critic_sparsity not in ("none", "eaudeqn"):
+                raise ConfigError(f"agent.critic_sparsity={a.critic_sparsity!r} is not a choice: use eaudeqn or none")
+            _num(cfg, "agent.select_every", int, 1)
+            if a.critic_sparsity == "eaudeqn" and cfg.quant.name != "none":
+                raise ConfigError(f"agent.critic_sparsity=eaudeqn cannot be combined with quant={cfg.quant.name} "
+                                  "(the stacked critic sets are pruned in float): use quant=none")
+        elif a.get("tau", 1.0) < 1.0:
             raise ConfigError(f"agent.tau={a.tau}: {a.name} needs hard target copies (tau=1.0): the target is the "
                               "online network selected at each copy")
         if a.get("noisy", False):
@@ -173,6 +180,9 @@ def validate(cfg: DictConfig) -> None:
     for key in ("n_members", "n_critics"):  # Q-ensembles (agent=qensemble; the SAC critics)
         if key in a:
             _num(cfg, f"agent.{key}", int, 1)
+    if a.get("distributional", False) and (a.get("n_critics", 2) != 2 or a.get("target_reduction", "min") != "min"):
+        raise ConfigError(f"agent.n_critics={a.get('n_critics', 2)} / agent.target_reduction={a.get('target_reduction')!r}: "
+                          f"{a.name} keeps its own distributional critics (use agent=sac or sac_n for critic ensembles)")
     if "target_reduction" in a:
         if a.target_reduction not in ("min", "mean", "redq"):
             raise ConfigError(f"agent.target_reduction={a.target_reduction!r} is not a target reduction: choose "

@@ -101,6 +101,11 @@ CASES = [  # (arguments, text the one error line must contain)
     (["agent=eaudeqn", "agent.tau=0.005"], "agent.tau=0.005: eaudeqn needs hard target copies (tau=1.0)"),
     (["agent=eaudeqn", "agent.noisy=true"], "agent.noisy=true is not supported by eaudeqn"),
     (["agent=eaudeqn", "env=Pendulum"], "agent 'eaudeqn' needs a discrete action space, got Box("),
+    (["agent=eaudesac", "env=Pendulum", "agent.critic_sparsity=dense"], "agent.critic_sparsity='dense' is not a "
+                                                                         "choice: use eaudeqn or none"),
+    (["agent=eaudesac", "env=Pendulum", "agent.select_every=0"], "agent.select_every=0 is out of range: must be >= 1"),
+    (["agent=eaudesac", "env=Pendulum", "quant=w8a8"], "agent.critic_sparsity=eaudeqn cannot be combined with "
+                                                       "quant=w8a8"),
     (["resume=does/not/exist"], "resume='does/not/exist' is not an rlq run directory (no config.yaml)"),
     # places that cannot be written
     (["run_dir=/proc/rlq-test-run"], "run_dir=/proc/rlq-test-run: cannot write there (/proc"),

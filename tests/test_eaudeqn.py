@@ -14,7 +14,7 @@ from torch import nn
 from rlq.agents import make_agent
 from rlq.config import config_dir
 from rlq.nets.sparse import (apply_masks_, dense_masks, magnitude_masks, masks_sparsity, n_pruned, prunable_weights,
-                             sparsity_report)
+                             prune_tensors, sparsity_report)
 from rlq.replay.base import Batch
 
 OBS = gym.spaces.Box(-1, 1, (3,), np.float32)
@@ -148,7 +148,7 @@ def test_initial_networks_are_pruned_copies_of_one():
     assert agent.levels == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
     dense = agent.nets[0]
     for i, net in enumerate(agent.nets):
-        expected = magnitude_masks(dense, agent.levels[i])
+        expected = magnitude_masks(dense, agent.levels[i], agent.prune_scope)
         for name, w in prunable_weights(net).items():
             assert torch.equal(agent.masks[i][name], expected[name])
             assert torch.equal(w, prunable_weights(dense)[name] * expected[name])
@@ -322,3 +322,95 @@ def test_dense_checkpoint_prints_no_sparsity(capsys):
                                                               "nonzero": 4}}
     _print_run(res)
     assert "sparsity" not in capsys.readouterr().out
+
+
+# -- SAC with EauDeQN critics (agent=eaudesac) -------------------------------------------------------------------
+def sac_cfg(**kw):
+    sac = OmegaConf.load(config_dir() / "agent" / "sac.yaml")
+    own = OmegaConf.load(config_dir() / "agent" / "eaudesac.yaml")
+    own.pop("defaults")
+    cfg = OmegaConf.merge(sac, own)
+    cfg.hidden = [16, 16]
+    for k, v in kw.items():
+        cfg[k] = v
+    return cfg
+
+
+SAC_OBS = gym.spaces.Box(-1, 1, (3,), np.float32)
+SAC_ACT = gym.spaces.Box(-2, 2, (1,), np.float32)
+
+
+def sac_batch(b=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return Batch(obs=torch.randn(b, 3, generator=g), action=torch.rand(b, 1, generator=g) * 4 - 2,
+                 reward=torch.randn(b, generator=g), discount=torch.full((b,), 0.99),
+                 next_obs=torch.randn(b, 3, generator=g), idx=torch.arange(b), weights=torch.ones(b))
+
+
+def test_eaudesac_critic_sets_selection_and_pruning():
+    agent = make_agent(sac_cfg(n_networks=3, max_speed=0.4, select_every=1000), SAC_OBS, SAC_ACT)
+    cs = agent.critic_sets
+    assert agent.critics.n == 6 and agent.critic_targets.n == 2 and cs.levels == pytest.approx([0.0, 0.2, 0.4])
+    for s in range(8):
+        agent.update(sac_batch(seed=s))
+    for name, w in cs.weights.items():  # masks hold through Adam; set s has its sparsity in every member matrix
+        assert (w[~cs.masks[name]] == 0).all()
+        for s in range(3):
+            for j in range(2):
+                m = cs.masks[name][2 * s + j]
+                assert int((~m).sum()) == n_pruned(m.numel(), cs.levels[s])
+    assert np.all(cs.acc_loss > 0)
+    before = [p.detach().clone() for p in agent.critic_targets.parameters()]
+    agent.update(sac_batch(seed=50))  # the targets are Polyak-averaged toward set 0 (the first 2 members)
+    for t, b, p in zip(agent.critic_targets.parameters(), before, agent.critics.parameters()):
+        assert torch.allclose(t, b + agent.tau * (p[:2] - b), atol=1e-6)
+    cs.acc_loss[:] = [2.0, 1.0, 3.0]
+    chosen = {n: t[2:4].clone() for n, t in agent.critics.state_dict().items()}
+    chosen_masks = {n: m[2:4].clone() for n, m in cs.masks.items()}
+    assert cs.select(agent.critic_optimizer) == 1 and len(agent.critic_optimizer.state) == 0
+    assert cs.levels == pytest.approx([0.2, 0.4, 0.6]) and np.all(cs.acc_loss == 0)
+    state = agent.critics.state_dict()
+    for n, t in chosen.items():
+        assert torch.equal(state[n][0:2], t)  # set 0 is the chosen set
+    for n, w in cs.weights.items():
+        for s in (1, 2):
+            ref = prune_tensors({j: chosen[n][j] for j in range(2)}, cs.levels[s], "layer",
+                                {j: chosen_masks[n][j] for j in range(2)})
+            for j in range(2):
+                assert torch.equal(cs.masks[n][2 * s + j], ref[j])
+                assert torch.equal(w[2 * s + j], chosen[n][j] * ref[j])
+    m = agent.schedule_metrics()
+    assert m["critic_sparsity"] == pytest.approx(cs.set_sparsity(0)["overall"]) and m["selected"] == 1.0
+    assert "critic_sparsity/net.layers.1" in m and "acc_loss/2" in m
+    assert sparsity_report(agent.policy_net())["overall"] == 0.0  # the actor stays dense
+
+
+def test_eaudesac_keeps_moments_without_reset_and_round_trips():
+    cfg = sac_cfg(n_networks=2, max_speed=0.3, select_every=3, reset_optimizer=False)
+    agent = make_agent(cfg, SAC_OBS, SAC_ACT, seed=1)
+    for s in range(2):
+        agent.update(sac_batch(seed=s))
+    agent.critic_sets.acc_loss[:] = [5.0, 1.0]
+    p = agent.critic_sets.params[0]
+    chosen = agent.critic_optimizer.state[p]["exp_avg"][2:4].clone()
+    agent.critic_sets.select(agent.critic_optimizer)
+    assert torch.equal(agent.critic_optimizer.state[p]["exp_avg"][0:2], chosen)
+    assert torch.equal(agent.critic_optimizer.state[p]["exp_avg"][2:4], chosen)
+    for s in range(2, 5):
+        agent.update(sac_batch(seed=s))
+    buf = io.BytesIO()
+    torch.save(agent.state_dict(), buf)
+    buf.seek(0)
+    other = make_agent(cfg, SAC_OBS, SAC_ACT, seed=7)
+    other.load_state_dict(torch.load(buf, weights_only=True))
+    assert _states_equal(agent.state_dict(), other.state_dict())
+    for s in range(5, 9):  # through a selection
+        assert agent.update(sac_batch(seed=s)).metrics == other.update(sac_batch(seed=s)).metrics
+    assert _states_equal(agent.state_dict(), other.state_dict())
+
+
+def test_eaudesac_bad_settings():
+    with pytest.raises(ValueError, match="at least 2 critic sets"):
+        make_agent(sac_cfg(n_networks=1), SAC_OBS, SAC_ACT)
+    plain = make_agent(sac_cfg(critic_sparsity="none"), SAC_OBS, SAC_ACT)
+    assert plain.critic_sets is None and plain.critics.n == 2

@@ -25,6 +25,14 @@ from two ``Critic`` initialisations exactly as before). ``target_reduction`` rep
 Every critic regresses to the same target; the loss is summed over critics (``Σ_i mean (Q_i - y)^2``, as above).
 DSAC keeps its own twin (v1: single) distributional critics.
 
+**EauDeQN critics** (``agent=eaudesac``: SAC with ``critic_sparsity: eaudeqn``; Vincent et al. 2025, see
+``rlq/agents/eaudeqn.py``): ``n_networks`` sets of the N critics above, stacked in one ensemble of K·N members
+(one batched call), all regressing to the same target; every ``select_every`` updates the set with the smallest
+summed loss becomes set 0 and the others its magnitude-pruned copies at higher sparsity
+(:class:`rlq.agents.eaudeqn.EauDeCritics`, where our choices are listed). The actor and the Polyak-averaged
+target critics follow set 0; the actor stays dense (``policy_net()``, what is exported), the critics' sparsity
+is logged (``critic_sparsity``). Not with DSAC or QAT.
+
 The log-probability of a squashed action ``a = tanh(u)`` is ``log N(u; μ, σ) - Σ log(1 - tanh(u)^2)``,
 computed as ``2 (log 2 - u - softplus(-2u))`` (stable for large ``|u|``). Actions are scaled from
 ``[-1, 1]`` to the env's Box bounds; the critics see the ``[-1, 1]`` actions.
@@ -300,7 +308,7 @@ class _SACBase(Agent):
         self.gen.set_state(state["gen"])
 
 
-@register("sac", "dsac", "sac_n", "redq", "lb_sac")
+@register("sac", "dsac", "sac_n", "redq", "lb_sac", "eaudesac")
 class SACAgent(_SACBase):
     """SAC and DSAC-T / DSAC-v1 on continuous (Box) action spaces (``distributional`` and ``variant`` in
     the config select DSAC; see the module docstring)."""
@@ -336,20 +344,35 @@ class SACAgent(_SACBase):
                              "keeps its own distributional critics (use agent=sac for critic ensembles)")
         check_ensemble_cfg(self.n_critics, self.reduction, self.redq_m, "agent.n_critics")
         n_critics = 1 if (self.distributional and self.variant == "v1") else self.n_critics
+        # agent=eaudesac: K critic sets of N members in one ensemble, selected and pruned as in EauDeQN
+        self.eaude = str(cfg.get("critic_sparsity", "none")) == "eaudeqn"
+        if self.eaude and (self.distributional or self.quant.enabled):
+            raise ValueError(f"agent {cfg.name!r}: critic_sparsity=eaudeqn needs SAC's ensemble critics and quant=none")
+        sets = int(cfg.n_networks) if self.eaude else 1
         out = 2 if self.distributional else 1
         obs_ex = self.example_obs().float()
         act_ex = torch.zeros(obs_ex.shape[0], self.act_dim, device=self.device)
         std_args = (cfg.log_std_min, cfg.log_std_max, str(cfg.get("log_std_mode", "tanh")))
         self.actor = self.quantize(GaussianActor(obs_dim, self.act_dim, hidden, *std_args).to(self.device), obs_ex)
 
-        def critics() -> nn.Module:  # (the N Critic initialisations happen in the same order as before)
-            members = [Critic(obs_dim, self.act_dim, hidden, out).to(self.device) for _ in range(n_critics)]
+        def critics(sets: int = 1) -> nn.Module:  # (the N Critic initialisations happen in the same order as before)
+            members = [Critic(obs_dim, self.act_dim, hidden, out).to(self.device) for _ in range(n_critics * sets)]
             if self.distributional:  # DSAC: separate critics
                 return nn.ModuleList(self.quantize(c, (obs_ex, act_ex)) for c in members)
             return self.quantize(EnsembleCritic.from_critics(members), (obs_ex, act_ex))
-        self.critics = critics()
+        self.critics = critics(sets)
         self.critic_targets = critics()
-        self.critic_targets.load_state_dict(self.critics.state_dict())
+        self.critic_sets = None
+        if self.eaude:
+            from rlq.agents.eaudeqn import EauDeCritics
+
+            self.critic_sets = EauDeCritics(self.critics, sets, n_critics, float(cfg.max_speed),
+                                            bool(cfg.reset_optimizer), str(cfg.prune_scope))
+            self.select_every = int(cfg.select_every)
+        if self.critic_sets is None:
+            self.critic_targets.load_state_dict(self.critics.state_dict())
+        else:  # the targets start as set 0
+            self.critic_targets.load_state_dict({k: v[:n_critics] for k, v in self.critics.state_dict().items()})
         self.critic_targets.requires_grad_(False)
         if self.distributional:  # DSAC's target policy
             self.actor_target = self.quantize(
@@ -364,6 +387,9 @@ class SACAgent(_SACBase):
         self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=float(cfg.actor_lr), fused=fused)
         self._critic_params = list(self.critics.parameters())
         self._actor_params = list(self.actor.parameters())
+        # eaudesac: the actor's critics and the target critics' Polyak source are set 0
+        self._actor_critics = None if self.critic_sets is None else self.critic_sets.set_members(0)
+        self._set0_params = None if self.critic_sets is None else [p.detach()[:n_critics] for p in self._critic_params]
 
     # -- acting ---------------------------------------------------------------------------------------------
     def policy_net(self) -> nn.Module:
@@ -398,13 +424,19 @@ class SACAgent(_SACBase):
                 a2, logp2 = self.actor.sample(next_obs, self.gen)
                 q_next = self.critic_targets(next_obs, a2, self.target_members()).squeeze(-1)  # (k, B)
                 y = reward + discount * (reduce_members(q_next, self.reduction) - alpha * logp2)
-            qs = self.critics(obs, action).squeeze(-1)  # (N, B)
-            critic_loss = (qs - y).pow(2).mean(1).sum()
+            qs = self.critics(obs, action).squeeze(-1)  # (N, B); eaudesac: (K * N, B), set s = rows s*N..s*N+N-1
+            per_critic = (qs - y).pow(2).mean(1)
+            critic_loss = per_critic.sum()
             info = {"q_mean": qs[0].detach().mean().item()}
         value = self.optimizer_step(critic_loss, self.critic_optimizer, self._critic_params, self.max_grad_norm)
         if not math.isfinite(value):
             return UpdateOut(metrics={"loss": value})
         self.updates += 1
+        if self.critic_sets is not None:  # set 0's loss is what a plain SAC would report
+            self.critic_sets.apply_masks_()
+            per_set = per_critic.detach().view(self.critic_sets.k, -1).sum(1)
+            self.critic_sets.accumulate(per_set)
+            info["loss_set0"] = float(per_set[0])
         metrics = {"loss": value, **info}
         if self.updates % self.policy_delay == 0:
             with frozen(self._critic_params):  # gradients reach the actor only
@@ -412,7 +444,8 @@ class SACAgent(_SACBase):
                 if self.distributional:
                     q_pi = torch.stack([c(obs, a)[..., 0] for c in self.critics]).min(0).values
                 else:  # SAC / SAC-N: min over all critics; REDQ and mean: the mean over all critics
-                    q_pi = reduce_members(self.critics(obs, a)[..., 0], "min" if self.reduction == "min" else "mean")
+                    q_pi = reduce_members(self.critics(obs, a, self._actor_critics)[..., 0],
+                                          "min" if self.reduction == "min" else "mean")
                 actor_loss = (alpha * logp - q_pi).mean()
                 actor_value = self.optimizer_step(actor_loss, self.actor_optimizer, self._actor_params,
                                                   self.max_grad_norm)
@@ -423,7 +456,12 @@ class SACAgent(_SACBase):
             if self.distributional:  # DSAC: every target (critics and policy) on the delayed schedule
                 polyak(self.critic_targets, self.critics, self.tau)
                 polyak(self.actor_target, self.actor, self.tau)
-        if not self.distributional:
+        if self.critic_sets is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(list(self.critic_targets.parameters()), self._set0_params, self.tau)
+            if self.updates % self.select_every == 0:
+                self.critic_sets.select(self.critic_optimizer)
+        elif not self.distributional:
             polyak(self.critic_targets, self.critics, self.tau)
         return UpdateOut(metrics=metrics)
 
@@ -469,11 +507,19 @@ class SACAgent(_SACBase):
         return dsac_v1_critic_loss(q, std, y, self.td_bound), {"q_mean": q.detach().mean().item(),
                                                                "q_std": std.detach().mean().item()}
 
+    def schedule_metrics(self) -> dict[str, float]:
+        out = super().schedule_metrics()
+        if self.critic_sets is not None:
+            out.update(self.critic_sets.metrics())
+        return out
+
     # -- state --------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         s = super().state_dict()
         if self.distributional:
             s.update(actor_target=self.actor_target.state_dict(), mean_std=self.mean_std.clone())
+        if self.critic_sets is not None:
+            s["critic_sets"] = self.critic_sets.state_dict()
         return s
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -481,6 +527,8 @@ class SACAgent(_SACBase):
         if self.distributional:
             self.actor_target.load_state_dict(state["actor_target"])
             self.mean_std.copy_(state["mean_std"])
+        if self.critic_sets is not None:
+            self.critic_sets.load_state_dict(state["critic_sets"])
 
 
 def dsac_t_critic_loss(q: torch.Tensor, std: torch.Tensor, y: torch.Tensor, y_sample: torch.Tensor,

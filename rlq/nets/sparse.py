@@ -26,6 +26,11 @@ Magnitude pruning (:func:`magnitude_masks`)
     at least one weight (``k <= n - 1``; under ``global`` a layer left empty gets its largest weight back),
     so a network stays a function of its input at any sparsity.
 
+Ensembles (``rlq.nets.ensemble``: stacked ``(n, out, in)`` weights) are pruned member by member:
+:func:`ensemble_weights` lists the stacked weights, :func:`prune_tensors` prunes any ``{name: tensor}`` (e.g.
+the weight matrices of a few members, each a "layer"), and a stacked ``(n, ...)`` bool mask is applied the same
+way (``weight *= mask``).
+
 :func:`sparsity_report` measures a network's sparsity from its weights (exact zeros), so it works on any
 network, masked or not.
 """
@@ -72,11 +77,17 @@ def _scores(w: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 def magnitude_masks(net: nn.Module, sparsity: float, scope: str = "layer", masks: Masks | None = None) -> Masks:
     """Masks removing the smallest-magnitude weights of ``net`` to reach ``sparsity`` (module docstring);
     ``masks``: the network's current masks (their removed weights stay removed)."""
+    return prune_tensors(prunable_weights(net), sparsity, scope, masks)
+
+
+def prune_tensors(weights: dict[str, torch.Tensor], sparsity: float, scope: str = "layer",
+                  masks: Masks | None = None) -> Masks:
+    """:func:`magnitude_masks` on ``{name: weight}`` tensors: each tensor is a "layer" (``scope="layer"``), or
+    all of them share one threshold (``"global"``)."""
     if scope not in SCOPES:
         raise ValueError(f"unknown prune scope {scope!r}: choose one of {', '.join(SCOPES)}")
     if not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"sparsity={sparsity} must be in [0, 1]")
-    weights = prunable_weights(net)
     scores = {name: _scores(w, None if masks is None else masks.get(name)) for name, w in weights.items()}
     out: Masks = {}
     if scope == "layer":
@@ -99,6 +110,16 @@ def magnitude_masks(net: nn.Module, sparsity: float, scope: str = "layer", masks
         out[name] = k.view_as(w)
         start += w.numel()
     return out
+
+
+def ensemble_weights(net: nn.Module) -> dict[str, nn.Parameter]:
+    """The stacked ``(n, ...)`` weights of every ensemble layer (``rlq.nets.ensemble``: EnsembleLinear /
+    EnsembleConv2d, their fake-quant subclasses included), ``{name: weight}`` in module order; member ``i``'s
+    weight matrix of a layer is ``weight[i]``."""
+    from rlq.nets.ensemble import ENSEMBLE_LAYERS
+
+    return {f"{mname}.weight" if mname else "weight": m.weight for mname, m in net.named_modules()
+            if isinstance(m, ENSEMBLE_LAYERS)}
 
 
 @torch.no_grad()
