@@ -375,7 +375,81 @@ def test_bad_ensemble_configs_are_one_line(ov, msg):
 
 
 def test_dsac_refuses_critic_ensembles_in_one_line():
-    cfg = _cfg("agent=dsac", "env=Pendulum", "agent.n_critics=5")
+    with pytest.raises(ConfigError, match=r"^agent.n_critics=5 / agent.target_reduction='min': dsac keeps its own "
+                                          r"distributional critics \(use agent=sac or sac_n for critic ensembles\)$"):
+        _cfg("agent=dsac", "env=Pendulum", "agent.n_critics=5")
+    cfg = _cfg("agent=dsac", "env=Pendulum")
+    cfg.agent.n_critics = 5  # built directly (no validate): the agent says the same
     with pytest.raises(ValueError) as e:
         make_agent(cfg.agent, BOX, PENDULUM_ACT)
     assert "keeps its own distributional critics" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_stopped_and_resumed_run_equals_an_uninterrupted_run_and_evaluates(tmp_path):
+    """Trainer level, with the replay saved (as tests/test_reliability.py does for the other agents): a REDQ
+    ensemble run stopped half-way and resumed ends with the same parameters and metrics; rlq.evaluate and
+    rlq.load_agent read its run directory."""
+    from rlq.checkpoint import load_agent, load_checkpoint
+    from rlq.logging import read_metrics
+    from rlq.trainer import Trainer, TrainingStopped
+    ov = ["agent=qensemble", "agent.n_members=3", "total_steps=1400", "agent.learning_starts=300", "eval.every=700",
+          "eval.episodes=2", "checkpoint.every=0", "checkpoint.save_replay=true", "log.every=200",
+          "log.progress=false", "log.tensorboard=false", "threads=1"]
+    cfg = _cfg(*ov)
+    straight = Trainer(cfg, tmp_path / "a")
+    straight.train()
+    straight.close()
+    first = Trainer(cfg, tmp_path / "b")
+    set_step = first.agent.set_step
+
+    def stop(s):
+        if s >= 777:
+            first._stop_reason = "SIGTERM"
+        set_step(s)
+    first.agent.set_step = stop
+    with pytest.raises(TrainingStopped):
+        first.train()
+    first.close()
+    second = Trainer(cfg, tmp_path / "b", resume_from=load_checkpoint(tmp_path / "b"))
+    second.train()
+    second.close()
+    a, b = load_checkpoint(tmp_path / "a"), load_checkpoint(tmp_path / "b")
+    for part in ("online", "target"):
+        for k, v in a["agent"][part].items():
+            assert torch.equal(v, b["agent"][part][k]), (part, k)
+    timing = {"time", "sps", "updates_per_s"}
+    strip = lambda recs: [{k: v for k, v in r.items() if k not in timing} for r in recs]  # noqa: E731
+    assert strip(read_metrics(tmp_path / "a")) == strip(read_metrics(tmp_path / "b"))
+    agent = load_agent(tmp_path / "b")
+    assert agent.online.n == 3
+    from rlq.evaluate import main as evaluate
+    assert evaluate([f"checkpoint={tmp_path / 'b'}", "episodes=2"]) == 0
+
+
+# -- learning bars (slow) ------------------------------------------------------------------------------------------
+def _learn(tmp_path, *ov):
+    from rlq.trainer import Trainer
+    cfg = _cfg(*ov, "checkpoint.every=0", "log.progress=false", "log.tensorboard=false", "threads=1")
+    trainer = Trainer(cfg, tmp_path / "run")
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_qensemble_solves_cartpole_within_50k(tmp_path, seed):
+    """experiments/results/qensemble.md: 475 reached at 25k-27.5k env steps on seeds 0-2."""
+    summary = _learn(tmp_path, "agent=qensemble", f"seed={seed}", "total_steps=50000", "eval.every=2500",
+                     "eval.episodes=10", "eval.target_return=475")
+    assert summary["best_eval"] >= 475, summary
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sac_n_reaches_minus_250_on_pendulum(tmp_path, seed):
+    """SAC-N (10 critics, min over all): experiments/results/qensemble.md."""
+    summary = _learn(tmp_path, "agent=sac_n", "env=Pendulum", f"seed={seed}", "total_steps=15000",
+                     "agent.learning_starts=1000", "eval.every=1000", "eval.episodes=10", "eval.target_return=-250")
+    assert summary["best_eval"] >= -250, summary

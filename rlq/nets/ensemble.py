@@ -266,17 +266,21 @@ def per_member_clip_grad_norm_(params: Sequence[torch.Tensor], n: int, max_norm:
     grads = [p.grad for p in params if p.grad is not None]
     stacked = [g for g in grads if g.dim() >= 1 and g.shape[0] % n == 0 and g.numel() >= n]
     shared = [g for g in grads if not (g.dim() >= 1 and g.shape[0] % n == 0 and g.numel() >= n)]
-    sq = torch.zeros(n, device=grads[0].device if grads else None)
-    for g in stacked:
-        sq = sq + g.reshape(n, -1).float().pow(2).sum(1)
-    shared_sq = sum((g.float().pow(2).sum() for g in shared), torch.zeros(()))
-    norms = (sq + shared_sq).sqrt()
+    if not grads:
+        return torch.zeros(n)
+    # one pass per tensor (vector_norm makes no squared copy); a member's norm squared sums its parts
+    sq = torch.stack([torch.linalg.vector_norm(g.reshape(n, -1), dim=1) for g in stacked]).square().sum(0) \
+        if stacked else torch.zeros(n, device=grads[0].device)
+    if shared:
+        sq = sq + torch.stack([torch.linalg.vector_norm(g) for g in shared]).square().sum()
+    norms = sq.sqrt()
     if math.isfinite(max_norm) and max_norm > 0:
         factor = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-        for g in stacked:
-            g.view(n, -1).mul_(factor.unsqueeze(1).to(g.dtype))
-        for g in shared:
-            g.mul_(factor.min().to(g.dtype))
+        if bool((factor < 1.0).any()):  # (no pass over the gradients when no member needs clipping)
+            for g in stacked:  # member-major rows: (n, ...) or (n * c, ...)
+                g.mul_(factor.repeat_interleave(g.shape[0] // n).view(-1, *([1] * (g.dim() - 1))).to(g.dtype))
+            for g in shared:
+                g.mul_(factor.min().to(g.dtype))
     return norms
 
 

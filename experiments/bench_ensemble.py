@@ -1,0 +1,218 @@
+"""Update time of a Q-ensemble of N = 10 against one network of the same size (issue 7's bar: N = 10 <= 3x N = 1).
+
+Settings, each one full agent update on a fixed batch (forward, target, loss, backward, clipping, fused Adam):
+
+- discrete: CartPole MLP 256x256, batch 64: ``agent=dqn`` (one plain network), ``agent=qensemble`` with N = 1,
+  N = 10 (``min`` target: all 10 target members evaluated) and N = 10 REDQ (M = 2 target members);
+- continuous: SAC critic update, 256x256 critics, batch 256 (``policy_delay`` large, so the actor is not
+  updated): ``n_critics`` = 1, 2 (SAC) and 10 (SAC-N, vectorized), and 10 critics as a Python loop over ten
+  ``Critic`` modules (what a non-vectorized ensemble costs).
+
+The settings alternate inside every round (``--rounds`` rounds of ``--updates`` updates each); the table reports
+the median per-update time over rounds and the ratio to the N = 1 network. Times are the thread's CPU time (one
+torch thread, so every op runs on the timed thread): the machine is shared, and wall times under contention
+measure the other jobs (they are reported beside it). The arithmetic is printed too: the
+multiply-adds of one update (forward + target forward + backward ~ 4x the forward for the hidden layers), the
+achieved GFLOP/s, and the machine's single-core matmul peak measured in the same run, which together give the
+lowest ratio that fp32 arithmetic on one core allows. ``--layouts`` adds a micro-benchmark of the batched
+layouts of one 10-member 256x256 layer (forward + backward): baddbmm on (n, out, in), bmm on (n, in, out),
+einsum, and a Python loop of mm.
+
+    python experiments/bench_ensemble.py [--rounds 7] [--updates 30] [--threads 1] [--layouts]
+
+Writes experiments/results/bench_ensemble.md (machine, versions, command).
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rlq.agents import make_agent
+from rlq.replay.base import Batch
+from rlq.train import _compose, build_config
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _agent(obs_space, act_space, *ov):
+    ov = list(ov)
+    cfg = build_config(_compose(ov), ov)
+    return make_agent(cfg.agent, obs_space, act_space, seed=0)
+
+
+def _batch(b, obs_dim, act_space, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if isinstance(act_space, gym.spaces.Discrete):
+        act = torch.randint(0, act_space.n, (b,), generator=g)
+    else:
+        act = torch.rand(b, act_space.shape[0], generator=g) * 4 - 2
+    return Batch(obs=torch.randn(b, obs_dim, generator=g), action=act, reward=torch.randn(b, generator=g),
+                 discount=torch.full((b,), 0.99), next_obs=torch.randn(b, obs_dim, generator=g), idx=torch.arange(b),
+                 weights=torch.ones(b))
+
+
+class LoopCritics:
+    """Separate Critic modules updated in a Python loop (the non-vectorized ensemble), SAC's critic step."""
+
+    def __init__(self, n: int, obs_dim: int, act_dim: int):
+        from rlq.agents.sac import Critic, GaussianActor
+        self.actor = GaussianActor(obs_dim, act_dim, [256, 256], -5.0, 2.0)
+        self.critics = nn.ModuleList(Critic(obs_dim, act_dim, [256, 256]) for _ in range(n))
+        self.targets = nn.ModuleList(Critic(obs_dim, act_dim, [256, 256]) for _ in range(n))
+        self.targets.requires_grad_(False)
+        self.opt = torch.optim.Adam(self.critics.parameters(), lr=1e-3, fused=True)
+
+    def update(self, b: Batch) -> None:
+        a = b.action / 2
+        with torch.no_grad():  # as SAC's critic step: next action from the actor, min over the target critics
+            a2, logp2 = self.actor.sample(b.next_obs)
+            q_next = torch.stack([t(b.next_obs, a2).squeeze(-1) for t in self.targets]).min(0).values
+            y = b.reward + b.discount * (q_next - 0.2 * logp2)
+        loss = sum(F.mse_loss(c(b.obs, a).squeeze(-1), y) for c in self.critics)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(list(self.targets.parameters()), list(self.critics.parameters()), 0.005)
+
+
+def settings():
+    cart_obs, cart_act = gym.spaces.Box(-1, 1, (4,), np.float32), gym.spaces.Discrete(2)
+    pend_obs, pend_act = gym.spaces.Box(-1, 1, (3,), np.float32), gym.spaces.Box(-2, 2, (1,), np.float32)
+    db, cb = _batch(64, 4, cart_act), _batch(256, 3, pend_act)
+    q = ("agent=qensemble", "agent.hidden=[256,256]", "agent.batch_size=64")
+    sac = ("agent=sac", "env=Pendulum", "agent.learning_starts=0", "agent.policy_delay=1000000000")
+    out = {
+        "discrete: dqn (one plain network)": (_agent(cart_obs, cart_act, "agent=dqn"), db),
+        "discrete: qensemble N=1": (_agent(cart_obs, cart_act, *q, "agent.n_members=1", "agent.target_reduction=min"), db),
+        "discrete: qensemble N=10, min": (_agent(cart_obs, cart_act, *q, "agent.n_members=10", "agent.target_reduction=min"), db),
+        "discrete: qensemble N=10, REDQ M=2": (_agent(cart_obs, cart_act, *q, "agent.n_members=10", "agent.target_reduction=redq",
+                                                      "agent.redq_m=2"), db),
+        "SAC critic: n_critics=1": (_agent(pend_obs, pend_act, *sac, "agent.n_critics=1"), cb),
+        "SAC critic: n_critics=2 (SAC)": (_agent(pend_obs, pend_act, *sac, "agent.n_critics=2"), cb),
+        "SAC critic: n_critics=10 (SAC-N)": (_agent(pend_obs, pend_act, *sac, "agent.n_critics=10"), cb),
+        "SAC critic: 10 critics, Python loop": (LoopCritics(10, 3, 1), cb),
+    }
+    return out
+
+
+def macs(name: str) -> float:
+    """Multiply-adds of one update: online forward + target forward + backward (~2x forward) of the layers."""
+    import re
+    found = re.search(r"(?:N=|n_critics=)(\d+)|(\d+) critics", name)
+    n = int(next(g for g in found.groups() if g)) if found else 1
+    if name.startswith("discrete"):
+        per = 4 * 256 + 256 * 256 + 256 * 2
+        targets = 2 if "REDQ" in name else n
+        return 64 * per * (3 * n + targets)  # forward + backward (2x) for n members, target forward
+    per = 4 * 256 + 256 * 256 + 256
+    return 256 * per * 4 * n
+
+
+def CLOCK() -> float:
+    """This thread's CPU time: with one torch thread every op runs on it, so the figure is the compute an update
+    takes, whatever else runs on the machine (wall times are reported beside it)."""
+    return time.thread_time()
+
+
+def peak_gflops() -> float:
+    a, w = torch.randn(640, 256), torch.randn(256, 256)
+    ts = []
+    for _ in range(200):
+        t = CLOCK()
+        a @ w
+        ts.append(CLOCK() - t)
+    return 2 * 640 * 256 * 256 / statistics.median(ts) / 1e9
+
+
+def layouts(rounds: int) -> list[tuple[str, float]]:
+    n, b, d = 10, 64, 256
+    x = torch.randn(n, b, d)
+    w_oi = torch.randn(n, d, d, requires_grad=True)
+    w_io = torch.randn(n, d, d, requires_grad=True)
+    bias = torch.zeros(n, d, requires_grad=True)
+    fns = {
+        "baddbmm, weight (n, out, in)": lambda: torch.baddbmm(bias.unsqueeze(1), x, w_oi.transpose(1, 2)),
+        "baddbmm, weight (n, in, out)": lambda: torch.baddbmm(bias.unsqueeze(1), x, w_io),
+        "einsum nbi,noi->nbo": lambda: torch.einsum("nbi,noi->nbo", x, w_oi) + bias.unsqueeze(1),
+        "Python loop of addmm": lambda: torch.stack([torch.addmm(bias[i], x[i], w_oi[i].t()) for i in range(n)]),
+    }
+    res = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t = CLOCK()
+            for _ in range(20):
+                f().sum().backward()
+            res[k].append((CLOCK() - t) / 20)
+    return [(k, statistics.median(v) * 1e6) for k, v in res.items()]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--updates", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--layouts", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cases = settings()
+    for agent, batch in cases.values():  # warm-up
+        for _ in range(5):
+            agent.update(batch)
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    walls: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(args.rounds):
+        for k, (agent, batch) in cases.items():
+            t, w = CLOCK(), time.perf_counter()
+            for _ in range(args.updates):
+                agent.update(batch)
+            times[k].append((CLOCK() - t) / args.updates)
+            walls[k].append((time.perf_counter() - w) / args.updates)
+    peak = peak_gflops()
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    med_wall = {k: statistics.median(v) * 1e3 for k, v in walls.items()}
+    base = {"discrete": med["discrete: dqn (one plain network)"], "SAC": med["SAC critic: n_critics=1"]}
+    lines = [
+        "# Q-ensemble update time: N = 10 against one network of the same size",
+        "",
+        f"Command: `python experiments/bench_ensemble.py {' '.join(sys.argv[1:])}`  ",
+        f"Machine: {platform.processor() or platform.machine()}, {args.threads} torch thread(s) (2 cores shared with "
+        f"other jobs; the settings alternate inside each round); python {platform.python_version()}, "
+        f"torch {torch.__version__}, numpy {np.__version__}  ",
+        f"Date: {time.strftime('%Y-%m-%d %H:%M')}; {args.rounds} rounds x {args.updates} updates per setting, medians "
+        f"over rounds. Single-core fp32 matmul peak measured in this run (640x256 @ 256x256): {peak:.0f} GFLOP/s.",
+        "",
+        "| setting | CPU ms / update | ratio to N=1 | wall ms / update | MMACs / update | achieved GFLOP/s | "
+        "fp32 floor at peak (ms) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for k, ms in med.items():
+        ref = base["discrete" if k.startswith("discrete") else "SAC"]
+        m = macs(k) / 1e6
+        lines.append(f"| {k} | {ms:.3f} | {ms / ref:.2f}x | {med_wall[k]:.3f} | {m:.1f} | {2 * m / ms:.0f} | "
+                     f"{2 * m / peak:.2f} |")
+    if args.layouts:
+        lines += ["", "One 10-member 256x256 layer, batch 64, forward + backward (CPU time, median of rounds):", "",
+                  "| layout | us |", "|---|---|"]
+        lines += [f"| {k} | {us:.0f} |" for k, us in layouts(args.rounds)]
+    RESULTS.mkdir(exist_ok=True)
+    text = "\n".join(lines) + "\n"
+    path = RESULTS / "bench_ensemble.md"
+    old = path.read_text(encoding="utf-8") if path.exists() else ""
+    notes = old[old.index("## Notes"):] if "## Notes" in old else ""
+    path.write_text(text + ("\n" + notes if notes else ""), encoding="utf-8")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
