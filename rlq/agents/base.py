@@ -30,10 +30,12 @@ SMALL_BATCH = 16
 def acting_threads(batch: int) -> Iterator[None]:
     """Run a small acting batch (``batch <= SMALL_BATCH``, e.g. one row per env) on a single torch thread.
 
-    A second thread buys nothing at batch 1-16 (the work per layer is too small to split), and when the
-    other core is busy (an env thread, another run) torch's intra-op threads wait on each other at every
-    layer: measured here, a batch-10 Nature-CNN forward took 22-47 ms on 2 threads with the other core
-    loaded and 5 ms on 1 thread. The update keeps every thread. Setting the count costs ~0.1 us.
+    When the other core is busy (another run of a sweep, an env thread, the overlap learner) torch's
+    intra-op threads wait on each other at every layer: a batch-10 Nature-CNN forward took 6.5 ms on 2 threads
+    against 2.8 ms on 1 (and 22-124 ms against 3-5 ms on a more loaded machine). With the other core idle, 2
+    threads are faster at batch 10 (1.6 against 2.6 ms) and equal at batch 1, so a dedicated machine pays
+    ~1 ms per vector step of 10 envs for never hitting the slow case (experiments/results/bench_update.md).
+    The update keeps every thread. Setting the count costs ~0.1 us.
     """
     threads = torch.get_num_threads()
     if threads == 1 or batch > SMALL_BATCH:
