@@ -352,11 +352,33 @@ def test_native_weight_and_lsq_loops_equal_torch_ops(monkeypatch):
     assert all(math.isnan(v) for v in got_mm[1])
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_native_quest_loops_equal_torch_ops(bits, monkeypatch):
+    """QuEST weights: the trust-masked grid is bit for bit the torch ops' given the same scales; the RMS scales
+    themselves (sums in another order) agree to float rounding."""
+    from rlq.quant import functions as fq
+    native = _native_or_skip()
+    torch.manual_seed(2)
+    w = torch.randn(17, 75)
+    w[2] = 0.0
+    w[3, :4] = torch.tensor([-0.0, -1e-5, 1e-5, 40.0])  # signed zeros, a clipped outlier
+    wq = WeightQuantizer(bits, "quest", channels=17, trust=1.0)
+    s_native = wq.scale(w)
+    t = s_native * 0.5
+    got = native.fq_trust(native.lib(), w, s_native, t, -wq.q_max, wq.q_max)
+    monkeypatch.setattr(native, "usable", lambda *a: None)
+    s_torch = wq.scale(w)
+    assert torch.allclose(s_native, s_torch, rtol=1e-6, atol=0) and s_native.shape == s_torch.shape
+    want = fq.trust_fwd(w, s_native, 0.0, -wq.q_max, wq.q_max, t)
+    assert _same_bits(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 @pytest.mark.parametrize("conv", [False, True])
 @pytest.mark.parametrize("act_mode,weight_mode,bits", FUSED_CASES)
 def test_native_training_step_equals_torch_ops(act_mode, weight_mode, bits, conv, monkeypatch):
     """A fused QAT layer's forward and input/weight/bias gradients are the same bits with the native loops
-    and with the torch ops (the learned ranges' gradients, sums in another order, to float rounding)."""
+    and with the torch ops (the learned ranges' gradients and QuEST's RMS scales, sums in another order, to
+    float rounding)."""
     import copy
     native = _native_or_skip()
     torch.manual_seed(1)
@@ -380,6 +402,9 @@ def test_native_training_step_equals_torch_ops(act_mode, weight_mode, bits, conv
         y.backward(g)
         results.append((y.detach(), xi.grad, {n: p.grad for n, p in m.named_parameters()}))
     (y1, gx1, p1), (y2, gx2, p2) = results
+    if weight_mode == "quest" and bits > 1:  # QuEST's RMS scales are sums in another order: float rounding
+        assert torch.allclose(y1, y2, rtol=1e-5, atol=1e-6) and torch.allclose(gx1, gx2, rtol=1e-5, atol=1e-6)
+        return
     assert _same_bits(y1, y2) and _same_bits(gx1, gx2)
     for name in p1:
         if name in ("weight", "bias"):
@@ -392,6 +417,22 @@ def test_native_training_step_equals_torch_ops(act_mode, weight_mode, bits, conv
 def test_fused_forward_on_torch_ops_equals_the_composed_quantizers(act_mode, weight_mode, bits, torch_ops):
     """The fused layer without the native loops (no C compiler, or a GPU) still equals the composed quantizers."""
     test_fused_training_forward_equals_the_composed_quantizers(act_mode, weight_mode, bits, conv=False)
+
+
+@pytest.mark.parametrize("native_loops", [True, False])
+def test_lsq_activation_no_grad_forward_equals_the_training_forward(native_loops, monkeypatch):
+    """Target-network / acting forwards of LSQ activations skip autograd: the same values."""
+    from rlq.quant import native
+    if not native_loops:
+        monkeypatch.setattr(native, "usable", lambda *t: None)
+    q = ActQuantizer(8, "lsq")
+    q(torch.randn(64, 30))
+    q.enabled = True
+    x = torch.randn(64, 30) * 3
+    y = q(x)
+    with torch.no_grad():
+        y0 = q(x)
+    assert y.grad_fn is not None and y0.grad_fn is None and _same_bits(y.detach(), y0)
 
 
 @pytest.mark.parametrize("how", ["disabled", "no compiler", "compiler fails", "no source"])

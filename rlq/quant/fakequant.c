@@ -1,4 +1,6 @@
-/* Fake-quantization loops for QAT on the CPU (rlq/quant/native.py compiles and loads this file).
+/* Fake-quantization loops for QAT on the CPU (rlq/quant/native.py compiles and loads this file): fixed grids
+   (EMA activation ranges), max-scaled and QuEST (RMS-scaled, trust-masked) weights, LSQ forward and backward,
+   min/max, STE masks.
 
    Each function does in one or two passes what several torch ops do (and costs one ctypes call instead of
    several dispatches, which is what QAT costs on the small networks of RL). They compute exactly what the
@@ -160,4 +162,45 @@ void rlq_lsq_bwd(float *g, const float *x, int64_t rows, int64_t k, const float 
 /* g *= mask, in place (a product, as torch's mul_: -g * 0 is -0.0, NaN * 0 is NaN). */
 void rlq_mask_mul(float *g, const uint8_t *mask, int64_t n) {
     for (int64_t i = 0; i < n; i++) g[i] *= (float)mask[i];
+}
+
+/* QuEST's per-row scale: scale[c] = max(alpha * sqrt(mean_k w[c,k]^2) / qmax, eps). The sum of squares runs
+   in a fixed order (16 partial sums, then those in order, then the tail): torch's mean adds in another
+   order, so the scales agree with the torch ops to float rounding (not bit for bit). */
+void rlq_quest_scale(const float *w, int64_t rows, int64_t k, float alpha, float qmax, float eps, float *scale) {
+    for (int64_t c = 0; c < rows; c++) {
+        const float *row = w + c * k;
+        v16sf acc = {0};
+        int64_t j = 0;
+        for (; j + 16 <= k; j += 16) {
+            v16sf xv;
+            memcpy(&xv, row + j, 64);
+            acc += xv * xv;
+        }
+        float r = 0.0f;
+        for (int l = 0; l < 16; l++) r += acc[l];
+        for (; j < k; j++) r += row[j] * row[j];
+        float s = alpha * sqrtf(r / (float)k) / qmax;
+        scale[c] = s < eps ? eps : s;
+    }
+}
+
+/* Fixed per-row grid with QuEST's trust mask (the torch ops of rlq.quant.functions.trust_fwd with zero point
+   0): q = clamp(round(w / s) + 0, lo, hi) (the + 0 turns -0.0 into +0.0, as there), out = q * s,
+   mask = |out - w| <= trust[c], with s = scale[c]. */
+void rlq_fq_trust(const float *w, int64_t rows, int64_t k, const float *scale, const float *trust, float lo, float hi,
+                  float *out, uint8_t *mask) {
+    const float l1 = lo - 1.0f, h1 = hi + 1.0f;
+    for (int64_t c = 0; c < rows; c++) {
+        const float s = scale[c], t = trust[c];
+        const float *row = w + c * k;
+        float *o = out + c * k;
+        uint8_t *m = mask + c * k;
+        for (int64_t j = 0; j < k; j++) {
+            float q = clampf_keepnan(round_clamped(row[j] / s, l1, h1) + 0.0f, lo, hi);
+            float v = q * s;
+            o[j] = v;
+            m[j] = fabsf(v - row[j]) <= t;
+        }
+    }
 }

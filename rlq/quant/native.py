@@ -4,8 +4,8 @@ The torch formulation of a fake-quant step is several elementwise ops, each a di
 and a pass over the tensor; on the 256-unit MLPs of RL that per-op cost, not arithmetic, is what QAT adds to
 a training step. These loops do each quantizer in one call (and one or two passes) with the same results as
 the torch ops, bit for bit (see the C file: same float32 division, round half to even with signed zeros, NaN
-handling, masks applied as products; tested in ``tests/test_quant.py``); only the LSQ step gradients, sums
-run in another order, agree to float rounding instead. ``rlq.quant.functions`` and the quantizers use
+handling, masks applied as products; tested in ``tests/test_quant.py``); only the LSQ step gradients and QuEST's RMS
+weight scales, sums run in another order, agree to float rounding instead. ``rlq.quant.functions`` and the quantizers use
 them for contiguous float32 CPU tensors and fall back to torch ops otherwise, or for large tensors when
 torch has several threads (its ops then run in parallel).
 
@@ -87,7 +87,9 @@ def _load() -> ctypes.CDLL | None:
                        ("rlq_fq_weight_max", [vp, i64, i64, f, f, vp, vp]),
                        ("rlq_fq_lsq", [vp, i64, i64, vp, f, f, f, vp]),
                        ("rlq_lsq_bwd", [vp, vp, i64, i64, vp, f, f, f, f, vp]),
-                       ("rlq_mask_mul", [vp, vp, i64])):
+                       ("rlq_mask_mul", [vp, vp, i64]),
+                       ("rlq_quest_scale", [vp, i64, i64, f, f, f, vp]),
+                       ("rlq_fq_trust", [vp, i64, i64, vp, vp, f, f, vp, vp])):
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = None, args
     _status = f"native ({target.name})"
@@ -180,3 +182,21 @@ def mask_mul(g: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return g.mul_(mask)
     lb.rlq_mask_mul(g.data_ptr(), mask.data_ptr(), g.numel())
     return g
+
+
+def quest_scale(lb: ctypes.CDLL, w: torch.Tensor, alpha: float, q_max: int, eps: float) -> torch.Tensor:
+    """QuEST's per-output-channel scale ``max(alpha * rms(w[c]) / q_max, eps)``, shaped (C, 1, ...)."""
+    scale = torch.empty((w.shape[0],) + (1,) * (w.dim() - 1))
+    lb.rlq_quest_scale(w.data_ptr(), w.shape[0], w.numel() // max(w.shape[0], 1), alpha, float(q_max), eps,
+                       scale.data_ptr())
+    return scale
+
+
+def fq_trust(lb: ctypes.CDLL, w: torch.Tensor, scale: torch.Tensor, trust: torch.Tensor, lo: float, hi: float
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row fixed grid with QuEST's trust mask (``functions.trust_fwd`` with zero point 0)."""
+    out = torch.empty_like(w)
+    mask = torch.empty(w.shape, dtype=torch.bool)
+    lb.rlq_fq_trust(w.data_ptr(), w.shape[0], w.numel() // max(w.shape[0], 1), scale.data_ptr(), trust.data_ptr(),
+                    lo, hi, out.data_ptr(), mask.data_ptr())
+    return out, mask

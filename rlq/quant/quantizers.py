@@ -133,6 +133,8 @@ class WeightQuantizer(_StateMixin, nn.Module):
             else:  # (vector_norm(inf, dim) and aminmax(dim) are 10x slower than either)
                 amax = w.abs().amax(dims, keepdim=True)
             return amax.div_(self.q_max).clamp_min_(_EPS)
+        if self.bits > 1 and (lb := native.usable(w)) is not None:  # quest (float rounding aside: same scales)
+            return native.quest_scale(lb, w, GAUSSIAN_MSE_CLIP[self.bits], self.q_max, _EPS)
         flat = w.detach().reshape(w.shape[0], -1)
         if self.bits == 1:  # binary: s = mean |w| (XNOR-Net) or the Gaussian-optimal clip
             s = flat.abs().mean(1) if self.mode == "max" else GAUSSIAN_MSE_CLIP[1] * flat.pow(2).mean(1).sqrt()
@@ -233,7 +235,11 @@ class WeightQuantizer(_StateMixin, nn.Module):
             codes = torch.where(w >= 0, 1.0, -1.0).to(w.dtype)
             saved = ((w.abs() <= s, codes) if self.mode == "lsq" else (w.abs() <= s,)) if need_grad else ()
             return codes * s, saved
-        out, keep = trust_fwd(w, s, 0.0, -self.q_max, self.q_max, s * (0.5 * self.trust))  # quest
+        trust = s * (0.5 * self.trust)  # quest
+        if (lb := native.usable(w, s)) is not None:
+            out, keep = native.fq_trust(lb, w, s, trust, -self.q_max, self.q_max)
+        else:
+            out, keep = trust_fwd(w, s, 0.0, -self.q_max, self.q_max, trust)
         return out, (keep,)
 
     def train_bwd(self, g: torch.Tensor, saved: tuple[torch.Tensor, ...], step: torch.Tensor | None
@@ -247,7 +253,7 @@ class WeightQuantizer(_StateMixin, nn.Module):
         if self.bits == 1:
             gs = step_chain((g * saved[1]).sum_to_size(self._shape(g)), step) if self.mode == "lsq" else None
             return g * saved[0], gs
-        return g.mul_(saved[0]), None  # quest
+        return native.mask_mul(g, saved[0]), None  # quest
 
 
 class ActQuantizer(_StateMixin, nn.Module):
@@ -381,6 +387,8 @@ class ActQuantizer(_StateMixin, nn.Module):
         mode = self.effective_mode
         if mode == "lsq":
             z = self.zero_point
+            if not torch.is_grad_enabled():  # target network / acting: the same values, no autograd node
+                return lsq_step_fwd(x, self.step.detach(), -z, self.q_max - z)[0]
             return lsq_quant(x, self.step.abs().clamp_min(_EPS), -z, self.q_max - z, self._lsq_grad_scale(x))
         if mode == "pact":
             return pact_quant(x, self.alpha.abs().clamp_min(_EPS), self.bits)
