@@ -54,6 +54,9 @@ def main() -> None:
     ap.add_argument("--name", default="cartpole_dqn", help="results file name (experiments/results/<name>.md)")
     ap.add_argument("overrides", nargs="*", help="rlq.train overrides for every run")
     args = ap.parse_args()
+    # overrides written after --agents land in it (argparse): key=value words are overrides, never agent names
+    args.overrides += [a for a in args.agents if "=" in a]
+    args.agents = [a for a in args.agents if "=" not in a]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for agent in args.agents:
