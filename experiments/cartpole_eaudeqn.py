@@ -1,0 +1,168 @@
+"""EauDeQN vs dense DQN on CartPole under the same budget: final policy sparsity and greedy return, 3 seeds.
+
+    python experiments/cartpole_eaudeqn.py [--agents eaudeqn dqn] [--seeds 0 1 2] [--steps 100000]
+        [--runs /work/runs_eau/cartpole] [--episodes 30] [agent.key=value ...]
+
+Each agent x seed trains ``--steps`` env steps with the agent's CartPole defaults (``configs/agent/<agent>.yaml``,
+plus any ``agent.key=value`` given; the same ones for every agent that has the key), greedy evaluation (10
+episodes) every 5k steps. Its final checkpoint is then evaluated with ``rlq.evaluate``'s protocol on
+``--episodes`` greedy episodes (seeds 0..episodes-1, the same for every run): that is the run's "greedy return";
+the policy network's sparsity is measured from the checkpoint's weights (zero fraction of the Linear weights).
+Rows accumulate in experiments/results/cartpole_eaudeqn.json (an agent x seed re-run replaces its row), so runs
+can be made one at a time; the report (.md) and the plot (.png: sparsity and evaluation return over training)
+are rebuilt from every row each time (a ``## Notes`` section at the end of the .md is kept). Every run also keeps
+``checkpoints/best.pt`` (the best in-training evaluation), re-evaluated the same way and reported beside the final
+checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rlq.evaluate import evaluate_checkpoint
+from rlq.logging import read_metrics
+from rlq.train import _compose, build_config
+from rlq.trainer import Trainer
+
+RESULTS = Path(__file__).resolve().parent / "results"
+NAME = "cartpole_eaudeqn"
+
+
+def run_one(agent: str, seed: int, steps: int, runs: Path, episodes: int, extra: list[str]) -> dict:
+    overrides = [f"agent={agent}", f"seed={seed}", f"total_steps={steps}", "eval.every=5000", "eval.episodes=10",
+                 "checkpoint.every=0", "checkpoint.keep_best=true", "log.progress=false", "log.tensorboard=false", "threads=1"]
+    composed = _compose(overrides)
+    mine = [o for o in extra if o.split("=", 1)[0].removeprefix("agent.") in composed.agent]
+    overrides += mine
+    cfg = build_config(_compose(overrides), overrides)
+    run_dir = runs / f"{agent}-s{seed}"
+    if (run_dir / "metrics.jsonl").exists():
+        (run_dir / "metrics.jsonl").unlink()
+    trainer = Trainer(cfg, run_dir)
+    t0 = time.perf_counter()
+    try:
+        summary = trainer.train()
+    finally:
+        trainer.close()
+    wall = time.perf_counter() - t0
+    final = evaluate_checkpoint(str(run_dir), episodes=episodes, seed=0)
+    best_path = run_dir / "checkpoints" / "best.pt"  # the best in-training evaluation's checkpoint (keep_best)
+    best = evaluate_checkpoint(str(best_path), episodes=episodes, seed=0)
+    best_step = int(torch.load(best_path, weights_only=True, map_location="cpu")["best_eval"]["step"])
+    evals = read_metrics(run_dir, "eval")
+    train = read_metrics(run_dir, "train")
+    return {"agent": agent, "seed": seed, "steps": steps, "overrides": mine, "run_dir": str(run_dir),
+            "greedy_return": final["mean"], "greedy_std": final["std"], "episodes": episodes,
+            "sparsity": final["sparsity"]["overall"], "layers": final["sparsity"]["layers"],
+            "nonzero": final["sparsity"]["nonzero"], "params": final["sparsity"]["params"],
+            "best_return": best["mean"], "best_std": best["std"], "best_sparsity": best["sparsity"]["overall"],
+            "best_step": best_step,
+            "last5_eval": float(np.mean([e["return_mean"] for e in evals[-5:]])),
+            "eval_curve": [(e["step"], e["return_mean"]) for e in evals],
+            "sparsity_curve": [(r["step"], r.get("sparsity", 0.0)) for r in train],
+            "sparser_selections": train[-1].get("sparser_selections"), "wall_s": wall, "sps": summary["sps"]}
+
+
+def report(rows: list[dict]) -> str:
+    agents = sorted({r["agent"] for r in rows}, key=lambda a: (a != "eaudeqn", a))
+    cmd = " ".join(["python", "experiments/cartpole_eaudeqn.py", *sys.argv[1:]])
+    lines = [f"# EauDeQN vs dense DQN on CartPole-v1: policy sparsity and greedy return under the same budget", "",
+             f"Last command: `{cmd}` (each row records its own settings)  ",
+             f"Machine: {platform.machine()}, 1 torch thread, a 2-core machine shared with other jobs; python "
+             f"{platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}  ",
+             f"Date: {time.strftime('%Y-%m-%d %H:%M')}", "",
+             "Greedy return: the final checkpoint evaluated on the episodes shown (greedy, evaluation seeds 0..n-1, "
+             "`rlq.evaluate`). Sparsity: zero fraction of the policy network's Linear weights, measured from the "
+             "checkpoint (biases not counted). last-5 eval: mean of the last five in-training evaluations (10 episodes "
+             "each, every 5k steps). best checkpoint: `checkpoints/best.pt` (`checkpoint.keep_best=true`: the "
+             "checkpoint of the best in-training evaluation), re-evaluated the same way, with its sparsity.", "",
+             "| agent | seed | steps | overrides | greedy return | last-5 eval | sparsity | nonzero / weights | "
+             "sparser selections | best checkpoint: step, greedy return, sparsity | wall (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for a in agents:
+        for r in sorted((r for r in rows if r["agent"] == a), key=lambda r: r["seed"]):
+            lines.append(f"| {a} | {r['seed']} | {r['steps']} | {' '.join(r['overrides']) or '-'} | "
+                         f"{r['greedy_return']:.1f} ± {r['greedy_std']:.1f} ({r['episodes']} ep) | {r['last5_eval']:.1f} | "
+                         f"{r['sparsity']:.1%} | {r['nonzero']} / {r['params']} | {r['sparser_selections'] or '-'} | "
+                         f"{r['best_step']}, {r['best_return']:.1f}, {r['best_sparsity']:.1%} | {r['wall_s']:.0f} |")
+    lines += ["", "| agent | seeds | mean greedy return | mean last-5 eval | min / mean sparsity | best checkpoints: "
+              "mean greedy return, min / mean sparsity |", "|---|---|---|---|---|---|"]
+    means, last5, bests = {}, {}, {}
+    for a in agents:
+        rs = [r for r in rows if r["agent"] == a]
+        means[a] = float(np.mean([r["greedy_return"] for r in rs]))
+        last5[a] = float(np.mean([r["last5_eval"] for r in rs]))
+        bests[a] = float(np.mean([r.get("best_return", np.nan) for r in rs]))
+        sp = [r["sparsity"] for r in rs]
+        bsp = [r.get("best_sparsity", np.nan) for r in rs]
+        lines.append(f"| {a} | {len(rs)} | {means[a]:.1f} | {last5[a]:.1f} | {min(sp):.1%} / {np.mean(sp):.1%} | "
+                     f"{bests[a]:.1f}, {min(bsp):.1%} / {np.mean(bsp):.1%} |")
+    if "eaudeqn" in means and "dqn" in means:
+        ratio = lambda d: d["eaudeqn"] / max(d["dqn"], 1e-9)  # noqa: E731
+        lines += ["", f"EauDeQN / dense DQN: final greedy return {ratio(means):.1%}, last-5 eval {ratio(last5):.1%}, "
+                      f"best checkpoint's greedy return {ratio(bests):.1%}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    colors = {"eaudeqn": "tab:blue", "dqn": "tab:gray"}
+    for r in sorted(rows, key=lambda r: (r["agent"], r["seed"])):
+        c = colors.get(r["agent"], None)
+        s, v = zip(*r["eval_curve"])
+        ax1.plot(s, v, color=c, alpha=0.8, label=f"{r['agent']} s{r['seed']}")
+        if r["agent"] == "eaudeqn":
+            s, v = zip(*r["sparsity_curve"])
+            ax2.plot(s, np.array(v) * 100, color=c, alpha=0.8, label=f"s{r['seed']}")
+    ax1.set(xlabel="env steps", ylabel="greedy eval return (10 episodes)", title="return")
+    ax2.set(xlabel="env steps", ylabel="policy sparsity (%)", title="EauDeQN sparsity", ylim=(0, 100))
+    ax1.legend(fontsize=7)
+    ax2.legend(fontsize=7)
+    fig.suptitle("CartPole-v1: EauDeQN vs dense DQN (python experiments/cartpole_eaudeqn.py)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--agents", nargs="+", default=["eaudeqn", "dqn"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--steps", type=int, default=100_000)
+    ap.add_argument("--runs", type=Path, default=Path("/work/runs_eau/cartpole"))
+    ap.add_argument("--episodes", type=int, default=30)
+    args, extra = ap.parse_known_args()
+    RESULTS.mkdir(exist_ok=True)
+    store = RESULTS / f"{NAME}.json"
+    rows = json.loads(store.read_text()) if store.exists() else []
+    for agent in args.agents:
+        for seed in args.seeds:
+            r = run_one(agent, seed, args.steps, args.runs, args.episodes, extra)
+            rows = [x for x in rows if (x["agent"], x["seed"]) != (agent, seed)] + [r]
+            store.write_text(json.dumps(rows, indent=1))
+            print(f"{agent} seed {seed}: greedy {r['greedy_return']:.1f}, sparsity {r['sparsity']:.1%}, "
+                  f"{r['wall_s']:.0f}s", flush=True)
+            md = RESULTS / f"{NAME}.md"
+            old = md.read_text(encoding="utf-8") if md.exists() else ""
+            notes = old[old.index("## Notes"):] if "## Notes" in old else ""  # hand-written analysis is kept
+            md.write_text(report(rows) + ("\n" + notes if notes else ""), encoding="utf-8")
+            plot(rows, RESULTS / f"{NAME}.png")
+    print(report(rows))
+
+
+if __name__ == "__main__":
+    main()
