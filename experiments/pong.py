@@ -8,7 +8,8 @@ The run stops at the first greedy evaluation (10 episodes, epsilon 0.001) whose 
 (``eval.target_return``), or at ``total_steps``. A stopped run (Ctrl-C, kill, time limit) resumes where it
 stopped when the script is run again with the same ``--run-dir``. The report
 (``experiments/results/pong_fast.{md,csv,png}``) has the wall time and agent steps to +18, the evaluation
-curve, the training-episode returns, training speed, the machine, versions, load and the command.
+curve, the training-episode returns, training speed, the machine, versions and the command; a hand-written
+``## Reading`` section at the end of the .md survives regeneration.
 """
 from __future__ import annotations
 
@@ -90,8 +91,12 @@ def report(run_dir: str, command: str, out: str) -> str:
         recent = [x["episode_return"] for x in episodes if e["step"] - 50_000 < x["step"] <= e["step"]]
         lines.append(f"| {e['step']} | {wall(e['time']):.2f} | {e['return_mean']:.1f} ± {e['return_std']:.1f} | "
                      f"{np.mean(recent) if recent else float('nan'):.1f} |")
+    lines += ["", f"Curves: `{Path(out).name}.png`; the evaluations as csv: `{Path(out).name}.csv`."]
     text = "\n".join(lines) + "\n"
     RESULTS.mkdir(exist_ok=True)
+    old = Path(out + ".md").read_text() if Path(out + ".md").exists() else ""
+    if "\n## Reading" in old:  # the hand-written analysis survives a regenerated report
+        text += old[old.index("\n## Reading"):]
     Path(out + ".md").write_text(text)
     Path(out + ".csv").write_text("step,wall_h,eval_return_mean,eval_return_std\n" + "".join(
         f"{e['step']},{wall(e['time']):.4f},{e['return_mean']},{e['return_std']}\n" for e in evals))
