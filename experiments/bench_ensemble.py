@@ -15,10 +15,14 @@ measure the other jobs (they are reported beside it). The arithmetic is printed 
 multiply-adds of one update (forward + target forward + backward ~ 4x the forward for the hidden layers), the
 achieved GFLOP/s, and the machine's single-core matmul peak measured in the same run, which together give the
 lowest ratio that fp32 arithmetic on one core allows. ``--layouts`` adds a micro-benchmark of the batched
-layouts of one 10-member 256x256 layer (forward + backward): baddbmm on (n, out, in), bmm on (n, in, out),
-einsum, and a Python loop of mm.
+layouts of one 10-member 256x256 layer (forward + backward, gradients set to None before each, as in training):
+baddbmm on (n, out, in), bmm on (n, in, out), einsum, a Python loop of mm, and ``EnsembleLinear`` (its own
+backward), and of the shared-input first layer (4 inputs) composed and as ``EnsembleLinear``.
 
-    python experiments/bench_ensemble.py [--rounds 7] [--updates 30] [--threads 1] [--layouts]
+``--stages`` times the stages of the discrete update (forward, target, loss, backward, clipping, Adam) for N = 1
+and N = 10, to show which part grows with N.
+
+    python experiments/bench_ensemble.py [--rounds 7] [--updates 30] [--threads 1] [--layouts] [--stages]
 
 Writes experiments/results/bench_ensemble.md (machine, versions, command).
 """
@@ -146,15 +150,64 @@ def layouts(rounds: int) -> list[tuple[str, float]]:
         "baddbmm, weight (n, in, out)": lambda: torch.baddbmm(bias.unsqueeze(1), x, w_io),
         "einsum nbi,noi->nbo": lambda: torch.einsum("nbi,noi->nbo", x, w_oi) + bias.unsqueeze(1),
         "Python loop of addmm": lambda: torch.stack([torch.addmm(bias[i], x[i], w_oi[i].t()) for i in range(n)]),
+        "EnsembleLinear (own backward), weight (n, out, in)": lambda: ens(x),
+        "first layer 4 -> 10 x 256, composed addmm": lambda: torch.addmm(
+            bias.reshape(-1), obs, w_first.reshape(n * d, 4).t()),
+        "first layer 4 -> 10 x 256, EnsembleLinear (own backward)": lambda: first(obs),
     }
+    from rlq.nets.ensemble import EnsembleLinear
+    ens, first = EnsembleLinear(n, d, d), EnsembleLinear(n, 4, d)
+    obs, w_first = torch.randn(b, 4), torch.randn(n, d, 4, requires_grad=True)
+    leaves = [w_oi, w_io, bias, w_first, *ens.parameters(), *first.parameters()]
     res = {k: [] for k in fns}
     for _ in range(rounds):
         for k, f in fns.items():
             t = CLOCK()
             for _ in range(20):
+                for p in leaves:  # as zero_grad(set_to_none=True) before every update
+                    p.grad = None
                 f().sum().backward()
             res[k].append((CLOCK() - t) / 20)
     return [(k, statistics.median(v) * 1e6) for k, v in res.items()]
+
+
+def stages(rounds: int, updates: int) -> list[tuple[str, dict[str, float]]]:
+    """Where a discrete update's CPU time goes: the stages of ``QEnsembleAgent.update`` timed one by one (online
+    forward, target, loss, backward, per-member clipping, fused Adam) for N = 1 and N = 10 (``min`` target)."""
+    from rlq.nets.ensemble import per_member_clip_grad_norm_
+    cart_obs, cart_act = gym.spaces.Box(-1, 1, (4,), np.float32), gym.spaces.Discrete(2)
+    b = _batch(64, 4, cart_act)
+    q = ("agent=qensemble", "agent.hidden=[256,256]", "agent.batch_size=64", "agent.target_reduction=min")
+    agents = {n: _agent(cart_obs, cart_act, *q, f"agent.n_members={n}") for n in (1, 10)}
+    names = ("online forward", "target", "loss", "backward", "clip", "Adam")
+    res = {n: {k: [] for k in names} for n in agents}
+    action = b.action.long()
+    for _ in range(rounds):
+        for n, ag in agents.items():
+            acc = dict.fromkeys(names, 0.0)
+            for _ in range(updates):
+                t0 = CLOCK()
+                q_all = ag.online(b.obs)
+                t1 = CLOCK()
+                target = ag.td_target(b)
+                t2 = CLOCK()
+                k, bs = q_all.shape[:2]
+                qa = q_all.gather(2, action.view(1, bs, 1).expand(k, bs, 1)).squeeze(2)
+                loss = (b.weights * F.smooth_l1_loss(qa, target.expand(k, bs), reduction="none")).mean(1).sum()
+                ag.optimizer.zero_grad(set_to_none=True)
+                loss.item()
+                t3 = CLOCK()
+                loss.backward()
+                t4 = CLOCK()
+                per_member_clip_grad_norm_(ag._params, n, 10.0)
+                t5 = CLOCK()
+                ag.optimizer.step()
+                t6 = CLOCK()
+                for key, (a, z) in zip(names, ((t0, t1), (t1, t2), (t2, t3), (t3, t4), (t4, t5), (t5, t6))):
+                    acc[key] += (z - a) / updates
+            for key in names:
+                res[n][key].append(acc[key])
+    return [(f"qensemble N={n}", {k: statistics.median(v) * 1e3 for k, v in r.items()}) for n, r in res.items()]
 
 
 def main() -> None:
@@ -163,6 +216,7 @@ def main() -> None:
     ap.add_argument("--updates", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--layouts", action="store_true")
+    ap.add_argument("--stages", action="store_true", help="also time the stages of a discrete update (N=1, N=10)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cases = settings()
@@ -202,9 +256,16 @@ def main() -> None:
         lines.append(f"| {k} | {ms:.3f} | {ms / ref:.2f}x | {med_wall[k]:.3f} | {m:.1f} | {2 * m / ms:.0f} | "
                      f"{2 * m / peak:.2f} |")
     if args.layouts:
-        lines += ["", "One 10-member 256x256 layer, batch 64, forward + backward (CPU time, median of rounds):", "",
+        lines += ["", "One 10-member layer, batch 64, forward + backward (CPU time, median of rounds):", "",
                   "| layout | us |", "|---|---|"]
         lines += [f"| {k} | {us:.0f} |" for k, us in layouts(args.rounds)]
+    if args.stages:
+        rows = stages(args.rounds, args.updates)
+        keys = list(rows[0][1])
+        lines += ["", "Stages of one discrete update (CPU ms, median of rounds; `min` target, batch 64):", "",
+                  "| setting | " + " | ".join(keys) + " | sum |", "|---|" + "---|" * (len(keys) + 1)]
+        lines += [f"| {name} | " + " | ".join(f"{v[k]:.3f}" for k in keys) + f" | {sum(v.values()):.3f} |"
+                  for name, v in rows]
     RESULTS.mkdir(exist_ok=True)
     text = "\n".join(lines) + "\n"
     path = RESULTS / "bench_ensemble.md"

@@ -52,3 +52,36 @@ def test_bad_shapes_are_clear():
         ens(torch.zeros(3, 5, 3))
     with pytest.raises(ValueError, match="n >= 1"):
         EnsembleLinear(0, 3, 4)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("members", [None, [3, 0]])
+def test_custom_backward_equals_the_composed_ops(shared, members):
+    """EnsembleLinear's own backward (weight gradient in the parameter's layout, first-layer weight gradient as
+    (x^T g)^T) gives autograd's gradients of addmm / baddbmm, for the input, weight and bias, with a member
+    subset too; under no_grad and autocast the composed ops run."""
+    torch.manual_seed(0)
+    ens = EnsembleLinear(5, 6, 4)
+    idx = None if members is None else torch.tensor(members)
+    k = 5 if idx is None else len(members)
+    x = torch.randn(9, 6, requires_grad=True) if shared else torch.randn(k, 9, 6, requires_grad=True)
+    y = ens(x, idx)
+    g = torch.randn_like(y)
+    y.backward(g)
+    got = [ens.weight.grad.clone(), ens.bias.grad.clone(), x.grad.clone()]
+    ens.zero_grad()
+    x.grad = None
+    w = ens.weight if idx is None else ens.weight.index_select(0, idx)
+    b = ens.bias if idx is None else ens.bias.index_select(0, idx)
+    if shared:
+        ref = torch.addmm(b.reshape(-1), x, w.reshape(k * 4, 6).t()).view(9, k, 4).transpose(0, 1)
+    else:
+        ref = torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    ref.backward(g)
+    for a, r in zip(got, [ens.weight.grad, ens.bias.grad, x.grad]):
+        torch.testing.assert_close(a, r, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(ens(x, idx), ref, rtol=0, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ens(x, idx).dtype == torch.bfloat16

@@ -19,6 +19,10 @@ the M target critics it samples); the same subset is threaded through every laye
 The weight layout was chosen by measurement (``experiments/bench_ensemble.py``): at these sizes every
 layout (``baddbmm`` on ``(n, out, in)`` or ``(n, in, out)``, ``einsum``, ``bmm``) runs at 80-95 GFLOP/s on one
 core of the reference machine, within noise of one large matmul; the ensemble's cost is its arithmetic.
+When gradients are recorded (and not under autocast), ``EnsembleLinear`` uses its own backward, with the same
+products: the weight gradient of a batched layer is computed directly in the ``(n, out, in)`` layout (autograd
+computes it transposed and then copies it into the parameter's layout, ~0.8 ms for a 10 x 256 x 256 weight on one
+core), and the first layer's as ``(x^T g)^T`` (autograd's ``g^T x`` has a 4-column output and runs ~4x slower).
 """
 from __future__ import annotations
 
@@ -32,6 +36,50 @@ from torch import nn
 
 def _subset(t: torch.Tensor, members: torch.Tensor | None) -> torch.Tensor:
     return t if members is None else t.index_select(0, members)
+
+
+class _SharedInputLinear(torch.autograd.Function):
+    """``x (B, in) @ w (m, in)^T + b`` with the weight gradient computed as ``(x^T g)^T`` (one ``(in, B) @ (B, m)``
+    matmul, then a small transpose): autograd's ``g^T x`` is a ``(m, B) @ (B, in)`` matmul with a narrow output that
+    runs 4-6x slower on CPU for the few inputs of a first layer (``experiments/results/bench_ensemble.md``)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, w)
+        return torch.addmm(b, x, w.t())
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, w = ctx.saved_tensors
+        gx = g.mm(w) if ctx.needs_input_grad[0] else None
+        gw = x.t().mm(g).t().contiguous() if ctx.needs_input_grad[1] else None
+        gb = g.sum(0) if ctx.needs_input_grad[2] else None
+        return gx, gw, gb
+
+
+class _BatchedLinear(torch.autograd.Function):
+    """``x (n, B, in) @ w (n, out, in)^T + b`` whose weight gradient ``g^T x`` is computed directly in the
+    ``(n, out, in)`` layout: autograd computes it as ``(x^T g)^T`` in ``(n, in, out)`` and then copies it
+    transposed into the parameter's layout, a strided copy that costs about 60% of the matmul itself."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, w)
+        return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, w = ctx.saved_tensors
+        gx = torch.bmm(g, w) if ctx.needs_input_grad[0] else None
+        gw = torch.bmm(g.transpose(1, 2), x) if ctx.needs_input_grad[1] else None
+        gb = g.sum(1) if ctx.needs_input_grad[2] else None
+        return gx, gw, gb
+
+
+def _plain_autograd(x: torch.Tensor) -> bool:
+    """Use the composed ops (no custom backward) under autocast (their casting rules apply) and when no gradient
+    is recorded."""
+    return not torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type)
 
 
 class EnsembleLinear(nn.Module):
@@ -73,10 +121,14 @@ class EnsembleLinear(nn.Module):
                              f"{self.in_features}) inputs, got {tuple(x.shape)}")
         x = self.ensemble_input(x)
         w, b = _subset(self.ensemble_weight(), members), _subset(self.bias, members)
+        plain = _plain_autograd(x)
         if x.dim() == 2:  # one batch shared by every member: one matmul into k * out columns
-            y = torch.addmm(b.reshape(-1), x, w.reshape(k * self.out_features, self.in_features).t())
+            w2, b2 = w.reshape(k * self.out_features, self.in_features), b.reshape(-1)
+            y = torch.addmm(b2, x, w2.t()) if plain else _SharedInputLinear.apply(x, w2, b2)
             return y.view(x.shape[0], k, self.out_features).transpose(0, 1)
-        return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+        if plain:
+            return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+        return _BatchedLinear.apply(x, w, b)
 
     def member(self, i: int) -> nn.Linear:
         """Member ``i`` as a plain ``nn.Linear`` (a copy of the float weights)."""
