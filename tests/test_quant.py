@@ -419,6 +419,23 @@ def test_fused_forward_on_torch_ops_equals_the_composed_quantizers(act_mode, wei
     test_fused_training_forward_equals_the_composed_quantizers(act_mode, weight_mode, bits, conv=False)
 
 
+@pytest.mark.parametrize("act_mode", ["lsq", "pact", "ema"])
+def test_first_layer_on_grid_inputs_get_no_input_gradient(act_mode, monkeypatch):
+    """Inputs on the grid (uint8 frames / 255) leave the learned range unused: the fused backward must not
+    compute the input gradient of the first layer (a transposed convolution) for it."""
+    conv = QuantConv2d(4, 8, 8, stride=4, quant_kw=dict(act_mode=act_mode))
+    conv.act.set_range(0.0, 1.0, on_grid=True)
+    conv.set_quant_enabled(True)
+    assert conv.act.train_param() is None
+    seen = []
+    real = QuantConv2d.op_bwd
+    monkeypatch.setattr(QuantConv2d, "op_bwd", lambda self, g, x, w, nx, nw, nb: seen.append(nx) or
+                        real(self, g, x, w, nx, nw, nb))
+    x = torch.randint(0, 256, (2, 4, 20, 20)).float() / 255
+    conv(x).sum().backward()
+    assert seen == [False] and conv.weight.grad is not None
+
+
 @pytest.mark.parametrize("native_loops", [True, False])
 def test_lsq_activation_no_grad_forward_equals_the_training_forward(native_loops, monkeypatch):
     """Target-network / acting forwards of LSQ activations skip autograd: the same values."""

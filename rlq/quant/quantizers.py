@@ -421,7 +421,11 @@ class ActQuantizer(_StateMixin, nn.Module):
         return ("ema", s, lo, hi, clip)
 
     def train_param(self) -> torch.Tensor | None:
-        """The raw learned range the fused layer differentiates (LSQ step, PACT alpha), or None."""
+        """The raw learned range the fused layer differentiates (LSQ step, PACT alpha), or None (also for
+        inputs on the grid: the range is unused, and asking for its gradient would make the fused layer
+        compute the input gradient of a first layer, e.g. a transposed convolution over Atari frames)."""
+        if self.on_grid:
+            return None
         mode = self.effective_mode
         return self.step if mode == "lsq" else self.alpha if mode == "pact" else None
 
