@@ -16,6 +16,7 @@ Settings alternate within each round; medians over rounds. rlq x8: ``env.num_env
 2 updates every vector step (8 env steps), the same 1 update per 4 env steps. The rlq rows also measure the
 issue-9 switches, each alone and together: ``overlap=true`` (the update runs in a worker thread while the
 env steps; acting lags one update) and ``agent.amp=bf16`` (bf16 autocast in the update); both are opt-in.
+``malloc_tuning=false`` rows turn off the trainer's default glibc malloc tuning (``rlq.trainer.tune_malloc``).
 """
 from __future__ import annotations
 
@@ -111,7 +112,8 @@ def run_worker(cmd: list[str]) -> dict:
 
 
 def profile_rlq() -> dict[str, float]:
-    """Median times of one rlq DQN update (batch 32), one batch-1 action and one env step on Pong."""
+    """Median times of one rlq DQN update (batch 32), one batch-1 action and one env step on Pong (malloc tuned,
+    as the trainer does by default)."""
     import gymnasium as gym
     import numpy as np
     import torch
@@ -120,6 +122,8 @@ def profile_rlq() -> dict[str, float]:
     from rlq.envs import make_env
     from rlq.replay.base import Batch
     from rlq.train import _compose, build_config
+    from rlq.trainer import tune_malloc
+    tune_malloc()
     ov = ["agent=dqn", "env=Pong", "agent.double=false"]
     cfg = build_config(_compose(ov), ov)
     env = make_env("Pong", num_envs=1, seed=0)
@@ -182,6 +186,9 @@ def main() -> None:
         "SB3 DQN, 1 env": lambda i: [str(py), "-c", SB3_WORKER, str(L), str(N)],
         "rlq DQN, 8 envs": rlq(8),
         "rlq DQN, 8 envs, overlap + bf16": rlq(8, "overlap=true", "agent.amp=bf16"),
+        "rlq DQN, 8 envs, agent.amp=bf16": rlq(8, "agent.amp=bf16"),
+        "rlq DQN, 1 env, malloc_tuning=false": rlq(1, "malloc_tuning=false"),
+        "rlq DQN, 1 env, bf16, malloc_tuning=false": rlq(1, "agent.amp=bf16", "malloc_tuning=false"),
     }
     results: dict[str, list[dict]] = {k: [] for k in settings}
     load0 = os.getloadavg()[0]

@@ -113,6 +113,8 @@ def validate(cfg: DictConfig) -> None:
         _num(cfg, "eval.target_return", float, None, None)
     if not isinstance(cfg.checkpoint.get("keep_best", False), bool):
         raise ConfigError(f"checkpoint.keep_best={cfg.checkpoint.keep_best!r} is not a boolean: use true or false")
+    if not isinstance(cfg.get("malloc_tuning", True), bool):
+        raise ConfigError(f"malloc_tuning={cfg.malloc_tuning!r} is not a boolean: use true or false")
     if not isinstance(cfg.get("overlap", False), bool):
         raise ConfigError(f"overlap={cfg.overlap!r} is not a boolean: use true or false")
     if cfg.get("nonfinite", "stop") not in ("stop", "skip"):

@@ -38,7 +38,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from rlq.checkpoint import save_checkpoint, space_to_dict
 from rlq.replay.base import Batch
-from rlq.trainer import Trainer, TrainingStopped, _np_global_state, _set_np_global_state, make_env_from_cfg
+from rlq.trainer import (Trainer, TrainingStopped, _np_global_state, _set_np_global_state, make_env_from_cfg,
+                         tune_malloc)
 
 DATASET_FORMAT = "rlq-dataset"
 DATASET_VERSION = 1
@@ -213,6 +214,8 @@ class OfflineTrainer(Trainer):
         obs_space = self._eval_env.single_observation_space
         act_space = self._eval_env.single_action_space
         self._check_spaces(arrays, obs_space, act_space)
+        if cfg.get("malloc_tuning", True):
+            tune_malloc()
         threads = int(cfg.threads) or (1 if len(obs_space.shape) < 3 else 0)
         if threads > 0:
             torch.set_num_threads(threads)

@@ -37,7 +37,8 @@ from rlq.config import ConfigError, apply_env_preset, config_dir, group_options,
 register_resolvers()
 
 # keys a resumed run may change (everything else comes from the run's saved config)
-RESUMABLE_OVERRIDES = ("resume", "total_steps", "log.", "checkpoint.", "eval.", "threads", "device", "overlap")
+RESUMABLE_OVERRIDES = ("resume", "total_steps", "log.", "checkpoint.", "eval.", "threads", "device", "overlap",
+                       "malloc_tuning")
 # config groups of Hydra plugins -> (pip package, rlq extra that installs it), for install hints
 PLUGIN_GROUPS = {
     "hydra/launcher/joblib": ("hydra-joblib-launcher", "sweep"),
@@ -279,7 +280,8 @@ def resume_config(run_dir: str, overrides: list[str]) -> DictConfig:
     bad = [o for o in overrides if not o.lstrip("+~").startswith(RESUMABLE_OVERRIDES)]
     if bad:
         raise ConfigError(f"resume cannot change {bad[0]!r}: a resumed run keeps its saved config "
-                          f"(allowed: total_steps, eval.*, checkpoint.*, log.*, threads, device, overlap)")
+                          f"(allowed: total_steps, eval.*, checkpoint.*, log.*, threads, device, overlap, "
+                          f"malloc_tuning)")
     cfg = OmegaConf.load(saved)
     for k, v in _parse_overrides(overrides).items():
         if k != "resume":

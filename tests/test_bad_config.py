@@ -37,6 +37,7 @@ CASES = [  # (arguments, text the one error line must contain)
     (["device=tpu"], "device='tpu' is not a device: use cpu or cuda[:N]"),
     (["nonfinite=maybe"], "nonfinite='maybe' is not a choice: use stop or skip"),
     (["overlap=maybe"], "overlap='maybe' is not a boolean: use true or false"),
+    (["malloc_tuning=maybe"], "malloc_tuning='maybe' is not a boolean: use true or false"),
     (["agent=sac", "env=Pendulum", "overlap=true"], "overlap=true is not supported by agent 'sac': use overlap=false, "
                                                     "or one of"),
     (["agent.amp=fp16"], "agent.amp='fp16' is not a choice: use none or bf16"),

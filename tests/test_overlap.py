@@ -197,3 +197,28 @@ def test_small_acting_batches_run_on_one_thread():
         assert torch.get_num_threads() == 2  # restored on errors too
     finally:
         torch.set_num_threads(before)
+
+
+# -- malloc tuning --------------------------------------------------------------------------------------------
+def test_trainer_tunes_malloc_unless_disabled(tmp_path, monkeypatch):
+    import rlq.trainer as trainer_mod
+
+    calls = []
+    monkeypatch.setattr(trainer_mod, "tune_malloc", lambda: calls.append(1) or True)
+    Trainer(_config("agent=dqn"), tmp_path / "on").close()
+    assert calls == [1]
+    Trainer(_config("agent=dqn", "malloc_tuning=false"), tmp_path / "off").close()
+    assert calls == [1]
+
+
+def test_tune_malloc_applies_on_glibc_and_is_idempotent():
+    import platform
+
+    from rlq.trainer import tune_malloc
+
+    applied = tune_malloc()
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert applied is True
+    assert tune_malloc() is applied
+    x = torch.randn(1 << 20)  # allocations work as before
+    assert torch.isfinite(x.sum())
