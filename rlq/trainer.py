@@ -73,8 +73,9 @@ def tune_malloc() -> bool:
     and unmaps them on free, and trims the heap top above 128 kB, so each update pays the page faults and the
     zeroing of those pages again. The mmap threshold at its maximum (32 MB) and a 1 GB trim threshold let the
     heap reuse the blocks: a 1-env Pong DQN loop ran 1.09x faster in fp32 and 1.22x with bf16
-    (experiments/results/bench_throughput.md, ``malloc_tuning=false`` rows). Larger blocks (the replay buffer) are still mmap'd. Process-wide
-    and applied once; a no-op where the C library is not glibc. Returns whether it applied the settings."""
+    (experiments/results/bench_throughput.md, ``malloc_tuning=false`` rows). Larger blocks (the replay
+    buffer) are still mmap'd. Process-wide and applied once; a no-op where the C library is not glibc.
+    Returns whether it applied the settings."""
     global _malloc_tuned
     if _malloc_tuned:
         return True
@@ -106,11 +107,11 @@ class Trainer:
         self.env = make_env_from_cfg(cfg.env, int(cfg.env.num_envs), seed)
         self.num_envs = int(cfg.env.num_envs)
         obs_space, act_space = self.env.single_observation_space, self.env.single_action_space
+        if cfg.get("malloc_tuning", True):
+            tune_malloc()
         # threads=0: one thread for small vector-observation nets (a second thread only adds sync
         # overhead there, and leaves a core to the env / other runs), torch's default for pixels; with
         # overlap=true all but one core (the actor's) for pixels
-        if cfg.get("malloc_tuning", True):
-            tune_malloc()
         self.overlap = bool(cfg.get("overlap", False))
         threads = int(cfg.threads) or (1 if len(obs_space.shape) < 3 else
                                        max(1, (os.cpu_count() or 2) - 1) if self.overlap else 0)
