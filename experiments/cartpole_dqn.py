@@ -22,8 +22,7 @@ import torch
 
 from rlq.evaluation import iqm
 from rlq.logging import read_metrics
-from rlq.train import _compose, build_config
-from rlq.trainer import Trainer
+from rlq.train import _compose, build_config, run
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -33,17 +32,12 @@ def run_one(agent: str, seed: int, steps: int, workdir: Path, extra: list[str] =
                  "checkpoint.every=0", "log.progress=false", "log.tensorboard=false", *extra]
     cfg = build_config(_compose(overrides), overrides)
     run_dir = workdir / f"{agent}-s{seed}"
-    trainer = Trainer(cfg, run_dir)
-    t0 = time.perf_counter()
-    try:
-        summary = trainer.train()
-    finally:
-        trainer.close()
+    summary = run(cfg, run_dir)  # rlq.train.run: the CLI's own build-train-close
     evals = read_metrics(run_dir, "eval")
     solved = next((e["step"] for e in evals if e["return_mean"] >= 475), None)
     return {"agent": agent, "seed": seed, "solved_at": solved, "best_eval": summary["best_eval"],
             "final_eval": evals[-1]["return_mean"], "curve": [(e["step"], e["return_mean"]) for e in evals],
-            "wall_s": time.perf_counter() - t0, "sps": summary["sps"]}
+            "wall_s": summary["wall_s"], "sps": summary["sps"]}
 
 
 def main() -> None:

@@ -28,8 +28,7 @@ import torch
 
 from rlq.evaluate import evaluate_checkpoint
 from rlq.logging import read_metrics
-from rlq.train import _compose, build_config
-from rlq.trainer import Trainer
+from rlq.train import _compose, build_config, run
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "cartpole_eaudeqn"
@@ -45,13 +44,8 @@ def run_one(agent: str, seed: int, steps: int, runs: Path, episodes: int, extra:
     run_dir = runs / f"{agent}-s{seed}"
     if (run_dir / "metrics.jsonl").exists():
         (run_dir / "metrics.jsonl").unlink()
-    trainer = Trainer(cfg, run_dir)
-    t0 = time.perf_counter()
-    try:
-        summary = trainer.train()
-    finally:
-        trainer.close()
-    wall = time.perf_counter() - t0
+    summary = run(cfg, run_dir)  # rlq.train.run: the CLI's own build-train-close
+    wall = summary["wall_s"]
     final = evaluate_checkpoint(str(run_dir), episodes=episodes, seed=0)
     best_path = run_dir / "checkpoints" / "best.pt"  # the best in-training evaluation's checkpoint (keep_best)
     best = evaluate_checkpoint(str(best_path), episodes=episodes, seed=0)

@@ -21,8 +21,7 @@ import numpy as np
 import torch
 
 from rlq.logging import read_metrics
-from rlq.train import _compose, build_config
-from rlq.trainer import Trainer
+from rlq.train import _compose, build_config, run
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SUITES = {
@@ -35,14 +34,9 @@ SUITES = {
 
 def run_one(overrides: list[str], run_dir: Path) -> dict:
     cfg = build_config(_compose(overrides), overrides)
-    trainer = Trainer(cfg, run_dir)
-    t0 = time.perf_counter()
-    try:
-        summary = trainer.train()
-    finally:
-        trainer.close()
+    summary = run(cfg, run_dir)  # rlq.train.run: the CLI's own build-train-close
     evals = read_metrics(run_dir, "eval")
-    return {"evals": [(e["step"], e["return_mean"]) for e in evals], "wall_s": time.perf_counter() - t0,
+    return {"evals": [(e["step"], e["return_mean"]) for e in evals], "wall_s": summary["wall_s"],
             "updates": summary["updates"], "sps": summary["sps"], "ups": summary["updates_per_s"]}
 
 
