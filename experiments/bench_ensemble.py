@@ -19,10 +19,15 @@ layouts of one 10-member 256x256 layer (forward + backward, gradients set to Non
 baddbmm on (n, out, in), bmm on (n, in, out), einsum, a Python loop of mm, and ``EnsembleLinear`` (its own
 backward), and of the shared-input first layer (4 inputs) composed and as ``EnsembleLinear``.
 
+``agent.amp=bf16`` rows run the ensemble's products in bf16 (``EnsembleLinear``'s own backward in bf16, the
+target network's bf16 weights cast once per target update); ``--widths`` repeats the discrete comparison at
+other hidden widths.
+
 ``--stages`` times the stages of the discrete update (forward, target, loss, backward, clipping, Adam) for N = 1
 and N = 10, to show which part grows with N.
 
     python experiments/bench_ensemble.py [--rounds 7] [--updates 30] [--threads 1] [--layouts] [--stages]
+                                         [--widths 64 128 256]
 
 Writes experiments/results/bench_ensemble.md (machine, versions, command).
 """
@@ -102,6 +107,11 @@ def settings():
         "discrete: qensemble N=10, min": (_agent(cart_obs, cart_act, *q, "agent.n_members=10", "agent.target_reduction=min"), db),
         "discrete: qensemble N=10, REDQ M=2": (_agent(cart_obs, cart_act, *q, "agent.n_members=10", "agent.target_reduction=redq",
                                                       "agent.redq_m=2"), db),
+        "discrete: qensemble N=10, min, bf16": (_agent(cart_obs, cart_act, *q, "agent.n_members=10",
+                                                       "agent.target_reduction=min", "agent.amp=bf16"), db),
+        "discrete: qensemble N=10, REDQ M=2, bf16": (_agent(cart_obs, cart_act, *q, "agent.n_members=10",
+                                                            "agent.target_reduction=redq", "agent.redq_m=2",
+                                                            "agent.amp=bf16"), db),
         "SAC critic: n_critics=1": (_agent(pend_obs, pend_act, *sac, "agent.n_critics=1"), cb),
         "SAC critic: n_critics=2 (SAC)": (_agent(pend_obs, pend_act, *sac, "agent.n_critics=2"), cb),
         "SAC critic: n_critics=10 (SAC-N)": (_agent(pend_obs, pend_act, *sac, "agent.n_critics=10"), cb),
@@ -129,8 +139,8 @@ def CLOCK() -> float:
     return time.thread_time()
 
 
-def peak_gflops() -> float:
-    a, w = torch.randn(640, 256), torch.randn(256, 256)
+def peak_gflops(dtype: torch.dtype = torch.float32) -> float:
+    a, w = torch.randn(640, 256, dtype=dtype), torch.randn(256, 256, dtype=dtype)
     ts = []
     for _ in range(200):
         t = CLOCK()
@@ -210,6 +220,35 @@ def stages(rounds: int, updates: int) -> list[tuple[str, dict[str, float]]]:
     return [(f"qensemble N={n}", {k: statistics.median(v) * 1e3 for k, v in r.items()}) for n, r in res.items()]
 
 
+def widths(sizes: list[int], rounds: int, updates: int) -> list[tuple[int, dict[str, float]]]:
+    """The discrete update at other hidden widths (two layers of ``w`` units, batch 64): one plain DQN network
+    against N = 10 (``min`` and REDQ M = 2 targets, fp32 and bf16). The ratio depends on how much of the single
+    network's update is arithmetic (which N multiplies) and how much is per-op overhead (which it shares)."""
+    cart_obs, cart_act = gym.spaces.Box(-1, 1, (4,), np.float32), gym.spaces.Discrete(2)
+    b = _batch(64, 4, cart_act)
+    kinds = {"dqn": ("agent=dqn",), "N=10 min": ("agent=qensemble", "agent.target_reduction=min"),
+             "N=10 REDQ": ("agent=qensemble", "agent.target_reduction=redq", "agent.redq_m=2"),
+             "N=10 min bf16": ("agent=qensemble", "agent.target_reduction=min", "agent.amp=bf16"),
+             "N=10 REDQ bf16": ("agent=qensemble", "agent.target_reduction=redq", "agent.redq_m=2",
+                                "agent.amp=bf16")}
+    out = []
+    for w in sizes:
+        ags = {k: _agent(cart_obs, cart_act, *ov, f"agent.hidden=[{w},{w}]", "agent.batch_size=64",
+                         *(("agent.n_members=10",) if k != "dqn" else ())) for k, ov in kinds.items()}
+        for ag in ags.values():
+            for _ in range(5):
+                ag.update(b)
+        res = {k: [] for k in ags}
+        for _ in range(rounds):
+            for k, ag in ags.items():
+                t = CLOCK()
+                for _ in range(updates):
+                    ag.update(b)
+                res[k].append((CLOCK() - t) / updates)
+        out.append((w, {k: statistics.median(v) * 1e3 for k, v in res.items()}))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=7)
@@ -217,6 +256,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--layouts", action="store_true")
     ap.add_argument("--stages", action="store_true", help="also time the stages of a discrete update (N=1, N=10)")
+    ap.add_argument("--widths", type=int, nargs="*", default=[],
+                    help="also time the discrete update at these hidden widths (e.g. 64 128 256)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cases = settings()
@@ -232,7 +273,7 @@ def main() -> None:
                 agent.update(batch)
             times[k].append((CLOCK() - t) / args.updates)
             walls[k].append((time.perf_counter() - w) / args.updates)
-    peak = peak_gflops()
+    peak, peak_bf16 = peak_gflops(), peak_gflops(torch.bfloat16)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     med_wall = {k: statistics.median(v) * 1e3 for k, v in walls.items()}
     base = {"discrete": med["discrete: dqn (one plain network)"], "SAC": med["SAC critic: n_critics=1"]}
@@ -244,17 +285,18 @@ def main() -> None:
         f"other jobs; the settings alternate inside each round); python {platform.python_version()}, "
         f"torch {torch.__version__}, numpy {np.__version__}  ",
         f"Date: {time.strftime('%Y-%m-%d %H:%M')}; {args.rounds} rounds x {args.updates} updates per setting, medians "
-        f"over rounds. Single-core fp32 matmul peak measured in this run (640x256 @ 256x256): {peak:.0f} GFLOP/s.",
+        f"over rounds. Single-core matmul peak measured in this run (640x256 @ 256x256): {peak:.0f} GFLOP/s fp32, "
+        f"{peak_bf16:.0f} GFLOP/s bf16 (the floor column uses the row's precision).",
         "",
         "| setting | CPU ms / update | ratio to N=1 | wall ms / update | MMACs / update | achieved GFLOP/s | "
-        "fp32 floor at peak (ms) |",
+        "matmul floor at peak (ms) |",
         "|---|---|---|---|---|---|---|",
     ]
     for k, ms in med.items():
         ref = base["discrete" if k.startswith("discrete") else "SAC"]
         m = macs(k) / 1e6
         lines.append(f"| {k} | {ms:.3f} | {ms / ref:.2f}x | {med_wall[k]:.3f} | {m:.1f} | {2 * m / ms:.0f} | "
-                     f"{2 * m / peak:.2f} |")
+                     f"{2 * m / (peak_bf16 if 'bf16' in k else peak):.2f} |")
     if args.layouts:
         lines += ["", "One 10-member layer, batch 64, forward + backward (CPU time, median of rounds):", "",
                   "| layout | us |", "|---|---|"]
@@ -266,6 +308,14 @@ def main() -> None:
                   "| setting | " + " | ".join(keys) + " | sum |", "|---|" + "---|" * (len(keys) + 1)]
         lines += [f"| {name} | " + " | ".join(f"{v[k]:.3f}" for k in keys) + f" | {sum(v.values()):.3f} |"
                   for name, v in rows]
+    if args.widths:
+        rows = widths(args.widths, args.rounds, args.updates)
+        keys = list(rows[0][1])
+        lines += ["", "Discrete update at other widths (two hidden layers of w units, batch 64; CPU ms, and the ratio "
+                  "to one plain DQN network of that width):", "",
+                  "| w | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+        lines += [f"| {w} | " + " | ".join(f"{v[k]:.3f}" + ("" if k == "dqn" else f" ({v[k] / v['dqn']:.2f}x)")
+                                          for k in keys) + " |" for w, v in rows]
     RESULTS.mkdir(exist_ok=True)
     text = "\n".join(lines) + "\n"
     path = RESULTS / "bench_ensemble.md"

@@ -213,6 +213,37 @@ def test_loss_sums_the_members_huber_losses_against_one_target():
     assert out.priorities.shape == (8,)
 
 
+@pytest.mark.parametrize("reduction", ["min", "redq"])
+def test_bf16_update_matches_fp32_up_to_bf16_rounding(reduction):
+    """agent.amp=bf16: the same update as fp32 up to bf16 rounding; parameters, gradients and Adam stay fp32; the
+    target's cached bf16 weights follow the hard copy; acting is fp32 and identical."""
+    ov = ("agent.n_members=5", f"agent.target_reduction={reduction}", "agent.double=true", "agent.target_update_period=2")
+    torch.manual_seed(0)
+    fp32 = _agent(*ov)
+    torch.manual_seed(0)
+    bf16 = _agent(*ov, "agent.amp=bf16")
+    for ta, tb in zip(fp32.state_dict()["online"].values(), bf16.state_dict()["online"].values()):
+        assert torch.equal(ta, tb)  # the same start
+    for i in range(4):
+        batch = _batch(b=32, seed=i)
+        out32, out16 = fp32.update(batch), bf16.update(batch)
+        assert out16.metrics["loss"] == pytest.approx(out32.metrics["loss"], rel=0.03)
+        assert out16.metrics["q_mean"] == pytest.approx(out32.metrics["q_mean"], rel=0.03, abs=2e-3)
+    assert all(p.dtype == torch.float32 for p in bf16.online.parameters())
+    assert all(v.dtype == torch.float32 for st in bf16.optimizer.state.values() for v in st.values() if v.dim())
+    moved = [torch.cat([p.flatten() for p in a.online.parameters()]) for a in (fp32, bf16)]
+    assert torch.nn.functional.cosine_similarity(moved[0], moved[1], dim=0) > 0.999
+    # the 4th update ended with a hard target copy (every 2 updates): the next target forward recasts
+    layer = bf16.target.encoder.layers[1]
+    assert torch.equal(layer.weight, bf16.online.encoder.layers[1].weight)
+    assert not torch.equal(layer.__dict__["_amp_cache"][1], layer.weight.bfloat16())  # cast before the copy
+    bf16.td_target(_batch(b=32, seed=9))
+    assert torch.equal(layer.__dict__["_amp_cache"][1], layer.weight.bfloat16())
+    bf16.online.load_state_dict(fp32.online.state_dict())
+    obs = np.random.default_rng(0).normal(size=(16, 4)).astype(np.float32)
+    np.testing.assert_array_equal(bf16.act(obs, explore=False), fp32.act(obs, explore=False))
+
+
 # -- agent ---------------------------------------------------------------------------------------------------------
 def test_acting_is_greedy_on_the_mean_q():
     a = _agent("agent.n_members=4")

@@ -23,6 +23,9 @@ Deviations and choices
       would be; clipping the joint norm would tighten as N grows).
     - REDQ's subset is drawn from the agent's numpy generator (checkpointed, so resumes are exact); only the M
       sampled target members are evaluated.
+    - ``agent.amp=bf16``: the update's member products (forward and backward) run in bf16 (AVX512-BF16 on
+      this CPU runs them ~2x faster than fp32); parameters, gradients, Adam, targets and losses stay fp32,
+      acting stays fp32. Opt-in, as for the DQN agents.
     - No dueling / noisy / distributional heads (the DQN switches); ``double`` is supported.
     - Atari (the ``atari:`` block) uses the DQN agent's Atari settings; an ensemble of N Nature CNNs costs
       about N times one DQN update.
@@ -99,12 +102,20 @@ class QEnsembleAgent(DQNAgent):
         idx = np.sort(self.rng.choice(self.n_members, size=self.redq_m, replace=False))
         return torch.as_tensor(idx, device=self.device)
 
+    def _members_forward(self, net: nn.Module, obs: torch.Tensor, members: torch.Tensor | None = None) -> torch.Tensor:
+        """``net(obs, members)`` -> (k, B, A) in fp32; its products in bf16 when ``agent.amp=bf16``."""
+        if self.amp == "bf16":
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                return net(obs, members).float()
+        return net(obs, members)
+
     def td_target(self, batch: Batch) -> torch.Tensor:
         """``r + discount * max_a reduce_j Q̄_j(s', a)`` (Double: at the online mean's argmax), shape (B,)."""
         with torch.no_grad():
-            q_next = reduce_members(self.target(batch.next_obs, self.target_members()), self.reduction)  # (B, A)
+            q_next = reduce_members(self._members_forward(self.target, batch.next_obs, self.target_members()),
+                                    self.reduction)  # (B, A)
             if self.double:
-                a_star = self.online.q_values(batch.next_obs).argmax(1, keepdim=True)
+                a_star = self._members_forward(self.online, batch.next_obs).mean(0).argmax(1, keepdim=True)
                 v_next = q_next.gather(1, a_star).squeeze(1)
             else:
                 v_next = q_next.max(1).values
@@ -112,7 +123,7 @@ class QEnsembleAgent(DQNAgent):
 
     def update(self, batch: Batch) -> UpdateOut:
         action = batch.action.long()
-        q_all = self.online(batch.obs)  # (n, B, A)
+        q_all = self._members_forward(self.online, batch.obs)  # (n, B, A)
         n, b = q_all.shape[0], q_all.shape[1]
         q = q_all.gather(2, action.view(1, b, 1).expand(n, b, 1)).squeeze(2)  # (n, B)
         target = self.td_target(batch)

@@ -19,7 +19,7 @@ the M target critics it samples); the same subset is threaded through every laye
 The weight layout was chosen by measurement (``experiments/bench_ensemble.py``): at these sizes every
 layout (``baddbmm`` on ``(n, out, in)`` or ``(n, in, out)``, ``einsum``, ``bmm``) runs at 80-95 GFLOP/s on one
 core of the reference machine, within noise of one large matmul; the ensemble's cost is its arithmetic.
-When gradients are recorded (and not under autocast), ``EnsembleLinear`` uses its own backward, with the same
+When gradients are recorded, ``EnsembleLinear`` uses its own backward (also under bf16 autocast, in bf16), with the same
 products: the weight gradient of a batched layer is computed directly in the ``(n, out, in)`` layout (autograd
 computes it transposed and then copies it into the parameter's layout, ~0.8 ms for a 10 x 256 x 256 weight on one
 core), and the first layer's as ``(x^T g)^T`` (autograd's ``g^T x`` has a 4-column output and runs ~4x slower).
@@ -45,12 +45,14 @@ class _SharedInputLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        x, w, b = _autocast(x, w, b)
         ctx.save_for_backward(x, w)
         return torch.addmm(b, x, w.t())
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         x, w = ctx.saved_tensors
+        g = g.to(w.dtype)
         gx = g.mm(w) if ctx.needs_input_grad[0] else None
         gw = x.t().mm(g).t().contiguous() if ctx.needs_input_grad[1] else None
         gb = g.sum(0) if ctx.needs_input_grad[2] else None
@@ -64,22 +66,35 @@ class _BatchedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        x, w, b = _autocast(x, w, b)
         ctx.save_for_backward(x, w)
         return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         x, w = ctx.saved_tensors
+        g = g.to(w.dtype)
         gx = torch.bmm(g, w) if ctx.needs_input_grad[0] else None
         gw = torch.bmm(g.transpose(1, 2), x) if ctx.needs_input_grad[1] else None
         gb = g.sum(1) if ctx.needs_input_grad[2] else None
         return gx, gw, gb
 
 
+def _autocast(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Under autocast (``agent.amp=bf16``) the products run in the autocast dtype, as autocast would run
+    ``addmm`` / ``baddbmm``: inputs, weight and bias are cast (the saved copies for the backward are the cast
+    ones) and the output is in that dtype. The backward's gradients come out in it too and autograd casts them
+    to the fp32 parameters' dtype, the same rounding as autocast's own cast nodes."""
+    dev = ts[0].device.type
+    if not torch.is_autocast_enabled(dev):
+        return ts
+    dt = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dt) for t in ts)
+
+
 def _plain_autograd(x: torch.Tensor) -> bool:
-    """Use the composed ops (no custom backward) under autocast (their casting rules apply) and when no gradient
-    is recorded."""
-    return not torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type)
+    """Use the composed ops (no custom backward) when no gradient is recorded."""
+    return not torch.is_grad_enabled()
 
 
 class EnsembleLinear(nn.Module):
@@ -120,8 +135,11 @@ class EnsembleLinear(nn.Module):
             raise ValueError(f"EnsembleLinear({self.n}) takes (B, {self.in_features}) or ({k}, B, "
                              f"{self.in_features}) inputs, got {tuple(x.shape)}")
         x = self.ensemble_input(x)
-        w, b = _subset(self.ensemble_weight(), members), _subset(self.bias, members)
         plain = _plain_autograd(x)
+        w, b = self.ensemble_weight(), self.bias
+        if plain and w is self.weight and not w.requires_grad and torch.is_autocast_enabled(x.device.type):
+            w, b = self._autocast_params()
+        w, b = _subset(w, members), _subset(b, members)
         if x.dim() == 2:  # one batch shared by every member: one matmul into k * out columns
             w2, b2 = w.reshape(k * self.out_features, self.in_features), b.reshape(-1)
             y = torch.addmm(b2, x, w2.t()) if plain else _SharedInputLinear.apply(x, w2, b2)
@@ -129,6 +147,23 @@ class EnsembleLinear(nn.Module):
         if plain:
             return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
         return _BatchedLinear.apply(x, w, b)
+
+    def _autocast_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight and bias in the autocast dtype for a frozen layer (``requires_grad`` off: a target network),
+        cast once and reused until either changes: a target copy changes every ``target_update_period``
+        updates, and casting a 10 x 256 x 256 weight costs ~0.1-0.2 ms on one core. Changes are seen through the
+        tensors' version counters, which every in-place write of a frozen parameter bumps (``load_state_dict``,
+        Polyak ``_foreach_lerp_``, ``copy_``; not writes through ``.data``, which rlq never makes); the cache
+        holds the tensors it was made from, so a replaced parameter is a miss. Trained layers are not cached:
+        the fused Adam step writes their weights without bumping the version counter."""
+        dt = torch.get_autocast_dtype(self.weight.device.type)
+        key = (self.weight, self.weight._version, self.bias, self.bias._version, dt)
+        cache = self.__dict__.get("_amp_cache")
+        if cache is None or len(cache[0]) != len(key) or any(a is not b if isinstance(a, torch.Tensor) else a != b
+                                                              for a, b in zip(cache[0], key)):
+            cache = (key, self.weight.detach().to(dt), self.bias.detach().to(dt))
+            self.__dict__["_amp_cache"] = cache
+        return cache[1], cache[2]
 
     def member(self, i: int) -> nn.Linear:
         """Member ``i`` as a plain ``nn.Linear`` (a copy of the float weights)."""
