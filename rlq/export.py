@@ -9,7 +9,10 @@ weights, float32 scales and biases, and a JSON graph), runnable with ``rlq.load_
   and last layers 8-bit), activation ranges calibrated (``calib_method=minmax|percentile|mse``) on observations
   from ``calib``: ``replay`` (the checkpoint's saved replay buffer, ``checkpoint.save_replay=true``),
   ``rollout`` (play ``calib_steps`` steps with the greedy policy, epsilon 0.1), or a ``.npy`` file of
-  observations. The default is ``replay`` when the checkpoint has one, else ``rollout``.
+  observations. The default is ``replay`` when the checkpoint has one, else ``rollout``. Two PTQ corrections
+  from the same observations, off by default: ``equalize=true`` (``rlq.quant.equalize_``, cross-layer scaling of
+  the float network's Linear layers before quantizing) and ``bias_correction=true`` (``rlq.quant.bias_correct``
+  after calibrating). Measured on CartPole in ``experiments/results/qat_cartpole.md``.
 
 After writing, the file is loaded with the numpy reference backend and its greedy actions are compared
 with the torch model's on the calibration observations (printed as "agreement").
@@ -26,12 +29,15 @@ import torch
 from torch import nn
 
 from rlq.nets.ensemble import EnsembleQNetwork, mean_q_network
-from rlq.quant import QuantConfig, calibrate, integer_layer, is_quantized, quant_layers, quantize_
+from rlq.quant import (QuantConfig, bias_correct, calibrate, equalize_, integer_layer, is_quantized, quant_layers,
+                       quantize_)
 from rlq.quant.layers import QUANT_LAYERS
 
 USAGE = ("usage: python -m rlq.export checkpoint=<run_dir|file> out=<file> [bits=8|4] "
-         "[calib=replay|rollout|<obs.npy>] [calib_method=minmax|percentile|mse] [calib_steps=5000]")
-KEYS = {"checkpoint": str, "out": str, "bits": int, "calib": str, "calib_method": str, "calib_steps": int}
+         "[calib=replay|rollout|<obs.npy>] [calib_method=minmax|percentile|mse] [calib_steps=5000] "
+         "[equalize=false|true] [bias_correction=false|true]")
+KEYS = {"checkpoint": str, "out": str, "bits": int, "calib": str, "calib_method": str, "calib_steps": int,
+        "equalize": bool, "bias_correction": bool}
 
 
 class ExportError(ValueError):
@@ -263,7 +269,8 @@ def _rollout(agent, steps: int) -> np.ndarray:
 
 def export_agent(agent, out: str | Path, bits: int | None = None, calib: str | None = None,
                  calib_method: str = "minmax", calib_steps: int = 5000, replay: dict | None = None,
-                 meta: dict[str, Any] | None = None) -> dict[str, Any]:
+                 meta: dict[str, Any] | None = None, equalize: bool = False,
+                 bias_correction: bool = False) -> dict[str, Any]:
     """Export ``agent.policy_net()`` (QAT as trained, or PTQ to ``bits``) to ``out``; returns a summary
     with the agreement of the file's greedy actions (reference backend) with the torch model's."""
     from rlq.deploy import load_policy, save_policy
@@ -273,7 +280,11 @@ def export_agent(agent, out: str | Path, bits: int | None = None, calib: str | N
         net = fold_ensemble(net)
     obs = calibration_observations(agent, calib, calib_steps, replay)
     example = torch.as_tensor(obs[:2], device=agent.device)
+    forward = lambda x: net(torch.as_tensor(x, device=agent.device))  # noqa: E731
     if is_quantized(net):
+        if equalize or bias_correction:
+            raise ExportError("equalize / bias_correction are post-training corrections: this QAT network is "
+                              "exported as trained (omit them)")
         if bits is not None and any(m.wq.bits not in (bits, 8) for m in quant_layers(net)):
             raise ExportError(f"bits={bits} does not match the QAT network's weight bits "
                               f"{sorted({m.wq.bits for m in quant_layers(net)})}; omit bits to export it as trained")
@@ -283,12 +294,19 @@ def export_agent(agent, out: str | Path, bits: int | None = None, calib: str | N
         if bits not in (8, 4):
             raise ExportError(f"bits={bits}: a float network is post-training quantized to bits=8 or bits=4")
         if list(quant_layers(net)):  # a QAT run exported before its quant.start_step: reuse its layers
+            if equalize:
+                raise ExportError("equalize=true rescales a float network; this run's network already has quant "
+                                  "layers (a QAT run before quant.start_step): omit equalize")
             for m in quant_layers(net):
                 if m.wq.bits not in (bits, 8):
                     raise ExportError(f"bits={bits} differs from the run's quant config; export after QAT started")
         else:
+            if equalize:
+                equalize_(net, obs, forward=forward)
             quantize_(net, QuantConfig(name=f"w{bits}a8", weight_bits=bits), example)
-        calibrate(net, obs, method=calib_method, forward=lambda x: net(torch.as_tensor(x, device=agent.device)))
+        calibrate(net, obs, method=calib_method, forward=forward)
+        if bias_correction:
+            bias_correct(net, obs, forward=forward)
         mode = "ptq"
     net.eval()
     graph, tensors = network_graph(net, agent.observation_space, {**(meta or {}), "mode": mode},
@@ -313,13 +331,19 @@ def export_agent(agent, out: str | Path, bits: int | None = None, calib: str | N
 
 
 def parse_args(argv: list[str]) -> dict[str, Any]:
-    opts: dict[str, Any] = {"bits": None, "calib": None, "calib_method": "minmax", "calib_steps": 5000}
+    opts: dict[str, Any] = {"bits": None, "calib": None, "calib_method": "minmax", "calib_steps": 5000,
+                            "equalize": False, "bias_correction": False}
     for arg in argv:
         key, sep, value = arg.partition("=")
         if not sep:
             raise ExportError(f"argument {arg!r} is not key=value; {USAGE}")
         if key not in KEYS:
             raise ExportError(f"unknown argument {key!r}: choose from {', '.join(KEYS)}")
+        if KEYS[key] is bool:
+            if value.lower() not in ("true", "false"):
+                raise ExportError(f"{key}={value!r} is not a boolean: choose true or false")
+            opts[key] = value.lower() == "true"
+            continue
         try:
             opts[key] = int(value) if KEYS[key] is int else value
         except ValueError:
@@ -347,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         meta = {"agent": str(agent.config.agent.name), "env": str(agent.config.env.name),
                 "source": str(path), "quant": str(agent.config.quant.name)}
         summary = export_agent(agent, opts["out"], opts["bits"], opts["calib"], opts["calib_method"],
-                               opts["calib_steps"], replay=ckpt.get("replay"), meta=meta)
+                               opts["calib_steps"], replay=ckpt.get("replay"), meta=meta,
+                               equalize=opts["equalize"], bias_correction=opts["bias_correction"])
     except (ExportError, CheckpointError, ValueError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2

@@ -150,11 +150,13 @@ def _train(tmp_path, name, *extra):
 def test_exported_qat_policy_agrees_with_the_qat_model(tmp_path):
     """The issue's bar: >= 99.9% of greedy actions equal on held-out observations."""
     from rlq.checkpoint import load_agent
-    from rlq.export import export_agent
+    from rlq.export import ExportError, export_agent
     tr = _train(tmp_path, "qat", "quant=w8a8")
     agent = load_agent(tmp_path / "qat")
     calib = tmp_path / "calib.npy"
     np.save(calib, tr.buffer.sample(2000).obs.numpy())
+    with pytest.raises(ExportError, match="exported as trained"):
+        export_agent(agent, tmp_path / "no.rlqp", calib=str(calib), bias_correction=True)
     summary = export_agent(agent, tmp_path / "qat.rlqp", calib=str(calib))
     assert summary["mode"] == "qat" and summary["agreement"] >= 0.999
     held_out = np.random.default_rng(1).normal(0, 0.5, size=(20_000, 4)).astype(np.float32)
@@ -197,6 +199,14 @@ def test_export_cli_ptq_from_a_float_run(tmp_path):
     res = json.loads(r.stdout)
     res = res["runs"][0] if "runs" in res else res
     assert res["env"] == "CartPole" and len(res["returns"]) == 2 and min(res["returns"]) >= 1
+    # the two PTQ corrections: the file is still bit exact across backends and agrees with its torch model
+    out = tmp_path / "p8c.rlqp"
+    r = subprocess.run([sys.executable, "-m", "rlq.export", f"checkpoint={tmp_path / 'fp32'}", "equalize=true",
+                        "bias_correction=true", f"out={out}"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["mode"] == "ptq" and summary["weight_bits"] == [8] and summary["agreement"] > 0.95
+    _assert_backends_bit_exact(out, np.random.default_rng(3).normal(0, 0.5, size=(2000, 4)).astype(np.float32))
 
 
 @pytest.mark.parametrize("args,msg", [
@@ -205,6 +215,7 @@ def test_export_cli_ptq_from_a_float_run(tmp_path):
     (["checkpoint=x", "out=y", "bits=3"], "bits=3"),
     (["checkpoint=x", "out=y", "calib_method=best"], "calib_method='best'"),
     (["checkpoint=x", "out=y", "frobnicate=1"], "unknown argument 'frobnicate'"),
+    (["checkpoint=x", "out=y", "equalize=yes"], "equalize='yes' is not a boolean"),
 ])
 def test_export_cli_errors(args, msg):
     r = subprocess.run([sys.executable, "-m", "rlq.export", *args], capture_output=True, text=True)

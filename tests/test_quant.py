@@ -15,8 +15,8 @@ from rlq.nets.encoders import MLPEncoder, NatureCNN
 from rlq.nets.heads import DuelingHead, QHead, QNetwork
 from rlq.nets.noisy import linear_factory, reset_noise
 from rlq.quant import (ActQuantizer, QuantConfig, QuantConv2d, QuantLinear, QuantNoisyLinear, WeightQuantizer,
-                       calibrate, fake_quant, integer_layer, is_quantized, layer_roles, lsq_quant, pact_quant,
-                       quant_layers, quantize_, set_quant_enabled)
+                       bias_correct, calibrate, equalize_, fake_quant, integer_layer, is_quantized, layer_roles,
+                       lsq_quant, pact_quant, quant_layers, quantize_, set_quant_enabled)
 
 W8 = QuantConfig(name="w8a8")
 
@@ -653,6 +653,107 @@ def test_calibrate_errors():
     quantize_(net, W8, torch.randn(2, 4))
     with pytest.raises(ValueError, match="method 'bad'"):
         calibrate(net, torch.randn(10, 4), method="bad")
+
+
+def _skewed_mlp(dueling: bool = False) -> tuple[nn.Module, torch.Tensor]:
+    """A float MLP Q-network whose hidden units have very different ranges (what equalization is for)."""
+    torch.manual_seed(0)
+    head = DuelingHead(32, 3, 0) if dueling else QHead(32, 3)
+    net = QNetwork(MLPEncoder(4, (32, 32)), head)
+    with torch.no_grad():
+        first = net.encoder.net[0]
+        first.weight.mul_(torch.logspace(-2, 1, 32)[:, None])  # unit ranges spread over three decades
+    return net, torch.randn(2000, 4)
+
+
+@pytest.mark.parametrize("dueling", [False, True])
+def test_equalize_keeps_the_function_and_equalizes_the_hidden_ranges(dueling):
+    net, obs = _skewed_mlp(dueling)
+    with torch.no_grad():
+        before = net(obs)
+    with torch.no_grad():
+        h0 = net.encoder.net[1](net.encoder.net[0](obs)).amax(0)
+    ratios = equalize_(net, obs, alpha=1.0)
+    with torch.no_grad():
+        torch.testing.assert_close(net(obs), before, rtol=1e-5, atol=1e-5)
+    assert set(ratios) == {"encoder.net.0", "encoder.net.2"}  # both hidden layers (dueling: both streams scaled)
+    with torch.no_grad():
+        h1 = net.encoder.net[1](net.encoder.net[0](obs)).amax(0)
+    live = h0 > 0
+    assert float(h0[live].max() / h0[live].min()) > 100
+    assert float(h1[live].max() / h1[live].min()) == pytest.approx(1.0, rel=1e-3)  # alpha=1: equal maxima
+    assert bool((h1[~live] == 0).all())
+
+
+def test_equalize_then_ptq_is_closer_to_the_float_network():
+    net, obs = _skewed_mlp()
+    with torch.no_grad():
+        ref_q = net(obs)
+    errs = {}
+    for eq in (False, True):
+        n, _ = _skewed_mlp()
+        if eq:
+            equalize_(n, obs, alpha=0.5)
+        quantize_(n, W8, obs[:2])
+        calibrate(n, obs)
+        with torch.no_grad():
+            errs[eq] = float((n(obs) - ref_q).abs().mean())
+    assert errs[True] < 0.8 * errs[False]
+
+
+def test_equalize_refuses_what_it_cannot_rescale():
+    net, obs = _skewed_mlp()
+    quantize_(net, W8, obs[:2])
+    with pytest.raises(ValueError, match="before quantize_"):
+        equalize_(net, obs)
+    net, obs = _skewed_mlp()
+    with pytest.raises(ValueError, match="alpha=2"):
+        equalize_(net, obs, alpha=2.0)
+
+    class Skip(nn.Module):  # the hidden ReLU output is also added to the output: rescaling it changes the function
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 3), nn.Linear(3, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return self.b(h) + h
+
+    torch.manual_seed(0)
+    skip = Skip()
+    with torch.no_grad():
+        skip.a.weight.mul_(torch.tensor([0.01, 1.0, 10.0])[:, None])
+    w = skip.a.weight.clone()
+    with pytest.raises(ValueError, match="weights restored"):
+        equalize_(skip, torch.randn(100, 4))
+    assert torch.equal(skip.a.weight, w)
+
+
+def test_bias_correction_matches_every_channel_mean_and_leaves_the_quantizers_alone():
+    net, obs = _skewed_mlp()
+    float_net, _ = _skewed_mlp()
+    quantize_(net, QuantConfig(name="w4a8", weight_bits=4, first_bits=4, last_bits=4), obs[:2])
+    calibrate(net, obs)
+    layers = list(quant_layers(net))
+    state = [(m.act.qparams(), m.wq.enabled, m.act.enabled) for m in layers]
+
+    def means(model):
+        out = []
+        hooks = [m.register_forward_hook(lambda m, a, y: out.append(y.mean(0))) for m in model.modules()
+                 if isinstance(m, nn.Linear)]
+        with torch.no_grad():
+            model(obs)
+        for h in hooks:
+            h.remove()
+        return out
+    before = [float((a - b).abs().max()) for a, b in zip(means(net), means(float_net))]
+    corr = bias_correct(net, obs)
+    after = [float((a - b).abs().max()) for a, b in zip(means(net), means(float_net))]
+    assert set(corr) == {"encoder.net.0", "encoder.net.2", "head.q"}
+    assert before[-1] > 1e-3 and all(x < 1e-4 for x in after)  # every channel's mean is the float one
+    assert [(m.act.qparams(), m.wq.enabled, m.act.enabled) for m in layers] == state
+    with pytest.raises(ValueError, match="quantize_"):
+        bias_correct(float_net, obs)
 
 
 # -- agents -------------------------------------------------------------------------------------------

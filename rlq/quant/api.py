@@ -275,6 +275,159 @@ def calibrate(net: nn.Module, observations: np.ndarray | torch.Tensor, method: s
     return ranges
 
 
+def _channel_means(m: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """Mean of a layer's output per output channel, shaped like its bias: ``(B, out)`` linear, ``(k, B, out)``
+    ensemble linear, ``(B, C, H, W)`` convolution (``C = n * out`` member-major for an ensemble)."""
+    y = y.detach().double()
+    if isinstance(m, (QuantConv2d, *[t for t in QUANT_ENSEMBLE_LAYERS if t.__name__.endswith("Conv2d")])):
+        return y.mean((0, 2, 3))
+    if isinstance(m, QUANT_ENSEMBLE_LAYERS):  # ensemble linear: (k, B, out) -> (k, out)
+        return y.mean(1)
+    return y.reshape(-1, y.shape[-1]).mean(0)
+
+
+def bias_correct(net: nn.Module, observations: np.ndarray | torch.Tensor, batch_size: int = 256,
+                 forward=None) -> dict[str, float]:
+    """Empirical bias correction of a post-training-quantized network (Nagel et al. 2019, "Data-Free
+    Quantization Through Weight Equalization and Bias Correction", section 4.2, the empirical form): layer by
+    layer in forward order, the mean output of every channel of the quantized network is set to the float
+    network's on the observations, by adding the difference to the layer's bias. Quantization error that is
+    systematic (an output channel moved the same way on every state) goes; what is left is zero-mean. Each
+    layer is corrected with the earlier layers already corrected, so the shift they pass on is included.
+
+    The bias is a float in the integer deployment as well (an int32 at the accumulator's scale), so the
+    correction changes no grid and exports as any bias does. Call it after :func:`calibrate` (activation
+    ranges set, quantization on); the quantizers' state is not touched. Returns ``{layer name: largest
+    |correction|}``."""
+    layers = [(name, m) for name, m in net.named_modules() if isinstance(m, QUANT_LAYERS)]
+    if not layers:
+        raise ValueError("bias_correct() needs a network converted with quantize_() (no quant layers found)")
+    obs = torch.as_tensor(observations)
+    if len(obs) == 0:
+        raise ValueError("bias_correct() got no observations")
+    forward = forward or net
+    was_training = net.training
+    flags = [(m.act.enabled, m.wq.enabled) for _, m in layers]
+    net.eval()
+
+    def channel_means(targets: list[nn.Module], quant: bool) -> list[torch.Tensor]:
+        for (_, m), (act_on, w_on) in zip(layers, flags):  # (the flags only: no quantizer re-initialisation)
+            m.act.enabled, m.wq.enabled = act_on and quant, w_on and quant
+        sums: list = [0.0] * len(targets)
+        seen: list[torch.Tensor | None] = [None] * len(targets)
+
+        def grab(j):
+            def hook(m, args, y):
+                seen[j] = _channel_means(m, y)
+            return hook
+
+        hooks = [m.register_forward_hook(grab(j)) for j, m in enumerate(targets)]
+        try:
+            with torch.no_grad():
+                for i in range(0, len(obs), batch_size):
+                    chunk = obs[i:i + batch_size]
+                    forward(chunk)
+                    sums = [acc + y * len(chunk) for acc, y in zip(sums, seen)]
+        finally:
+            for h in hooks:
+                h.remove()
+        return [acc / len(obs) for acc in sums]
+
+    corrections = {}
+    try:
+        biased = [(name, m, m.bias_mu if hasattr(m, "bias_mu") else m.bias) for name, m in layers]
+        biased = [(name, m, b) for name, m, b in biased if b is not None]
+        reference = channel_means([m for _, m, _ in biased], False)  # the float network, before any change
+        for (name, m, bias), want in zip(biased, reference):
+            delta = (want - channel_means([m], True)[0]).reshape(bias.shape)
+            with torch.no_grad():
+                bias.add_(delta.to(bias.dtype))
+            corrections[name] = float(delta.abs().max())
+    finally:
+        for (_, m), (act_on, w_on) in zip(layers, flags):
+            m.act.enabled, m.wq.enabled = act_on, w_on
+        net.train(was_training)
+    return corrections
+
+
+def equalize_(net: nn.Module, observations: np.ndarray | torch.Tensor, alpha: float = 0.5,
+              forward=None, max_samples: int = 4096) -> dict[str, float]:
+    """Cross-layer scaling of a **float** network before post-training quantization, in place: for each
+    ``Linear -> ReLU -> Linear(s)`` pair, hidden unit ``j`` is divided by ``s_j`` in the producing layer (its
+    weight row and bias) and multiplied back in every consuming layer (its weight column). ReLU is positively
+    homogeneous, so the network computes the same function. The scales follow SmoothQuant (Xiao et al. 2023)
+    / the cross-layer equalization of Nagel et al. 2019: ``s_j = max|h_j|^alpha / max|W_:,j|^(1 - alpha)``
+    (activation maximum over the observations, weight maximum over the consumers' column ``j``), so hidden
+    units with a large range stop setting a per-tensor activation grid that is too coarse for all the others;
+    the producing layer's per-channel weight grid is unchanged by a row scale. ``alpha = 0`` equalizes the
+    weights only, ``1`` the activations only.
+
+    Consumers are found by tracing, not assumed: a ``Linear`` consumes a producer when its input is exactly the
+    ReLU of that producer's output on the observations (so a dueling head's two streams are both found).
+    Convolutions and ensemble layers are left as they are. The function is checked afterwards on the
+    observations (relative error < 1e-4); if it changed, the original weights are restored and ValueError is
+    raised. Call it on the float network, then :func:`quantize_` and :func:`calibrate`. Returns
+    ``{producer name: largest scale / smallest scale}``."""
+    if any(True for _ in quant_layers(net)):
+        raise ValueError("equalize_() rescales a float network: call it before quantize_()")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"equalize_(alpha={alpha}) is out of range: choose 0 <= alpha <= 1")
+    obs = torch.as_tensor(observations)[:max_samples]
+    if len(obs) == 0:
+        raise ValueError("equalize_() got no observations")
+    forward = forward or net
+    linears = [(name, m) for name, m in net.named_modules() if type(m) is nn.Linear]
+    ins: dict[str, torch.Tensor] = {}
+    outs: dict[str, torch.Tensor] = {}
+
+    def record(name):
+        def hook(m, args, y):
+            ins[name], outs[name] = args[0].detach(), y.detach()
+        return hook
+
+    handles = [m.register_forward_hook(record(name)) for name, m in linears]
+    try:
+        with torch.no_grad():
+            before = forward(obs)
+    finally:
+        for h in handles:
+            h.remove()
+    saved = {name: (m.weight.detach().clone(), m.bias.detach().clone() if m.bias is not None else None)
+             for name, m in linears}
+    mods = dict(linears)
+    ratios = {}
+    with torch.no_grad():
+        for name, prod in linears:
+            if name not in outs:
+                continue
+            h = outs[name].relu()
+            consumers = [mods[c] for c, x in ins.items() if c != name and x.shape == h.shape and torch.equal(x, h)]
+            if not consumers:
+                continue
+            amax = h.reshape(-1, h.shape[-1]).amax(0)
+            wmax = torch.stack([c.weight.abs().amax(0) for c in consumers]).amax(0)
+            live = (amax > 0) & (wmax > 0)  # dead units keep scale 1
+            s = torch.ones_like(amax)
+            s[live] = amax[live].pow(alpha) / wmax[live].pow(1.0 - alpha)
+            s[live] = s[live] / s[live].log().mean().exp()  # geometric mean 1 (the grids are scale-free)
+            prod.weight.div_(s[:, None])
+            if prod.bias is not None:
+                prod.bias.div_(s)
+            for c in consumers:
+                c.weight.mul_(s[None, :])
+            ratios[name] = float(s[live].max() / s[live].min()) if bool(live.any()) else 1.0
+        after = forward(obs)
+        err = float((after - before).abs().max() / before.abs().max().clamp_min(1e-12))
+        if not err < 1e-4:
+            for name, m in linears:
+                m.weight.copy_(saved[name][0])
+                if m.bias is not None:
+                    m.bias.copy_(saved[name][1])
+            raise ValueError(f"equalize_() would change this network's outputs (relative error {err:.2e}): a hidden "
+                             "layer's ReLU output is also used by something other than Linear layers; weights restored")
+    return ratios
+
+
 def _calibrated_range(x: torch.Tensor, q_max: int, method: str, percentile: float) -> tuple[float, float]:
     lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
     if method == "percentile":
