@@ -12,7 +12,9 @@ Protocol (the same for every env; the recipes are in ``RECIPES``, chosen on dev 
    practice). The fp32 policy is that best-evaluation checkpoint. 5000 replay-buffer observations are
    saved for calibration.
 2. **PTQ**: that same fp32 policy, converted with ``quantize_`` (per-channel max weight scales) and
-   calibrated on the saved replay observations (``minmax``, ``percentile`` 99.99, ``mse``).
+   calibrated on the saved replay observations (``minmax``, ``percentile`` 99.99, ``mse``); then with the two
+   corrections of ``rlq.quant``, both from the same replay observations: ``bias_correct`` after minmax
+   calibration, and ``equalize_`` (cross-layer scaling of the float network, alpha 0.5) before it.
 3. **QAT** (W8A8: max weights, W4A8 / W2A8: LSQ weights; first and last layers 8-bit; EMA activation
    ranges): fine-tuning *from the fp32 policy* (the "start from a trained float network" form of
    ``quant.start_step``): the quantized network gets the fp32 weights (online and target), its activation
@@ -48,7 +50,9 @@ import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QAT = {"QAT W8A8": "w8a8", "QAT W4A8": "w4a8", "QAT W2A8": "w2a8"}
-TARGETS = {"PTQ W8A8 (minmax)": 0.99, "QAT W4A8": 0.97, "QAT W2A8": 0.90}
+AGENT_NAMES = {"double_dqn": "Double DQN", "dueling_dqn": "Dueling Double DQN"}
+TARGETS = {"PTQ W8A8 (minmax)": 0.99, "PTQ W8A8 (equalized + bias correction)": 0.99, "QAT W4A8": 0.97,
+           "QAT W2A8": 0.90}
 RECIPES = {  # env: fp32 training overrides, steps, evaluation and fine-tuning budget
     "CartPole": dict(
         overrides=["agent=double_dqn"], steps=50_000, eval_every=2_500, eval_episodes=10,
@@ -172,7 +176,7 @@ def _analyse_seed(args: argparse.Namespace, r: dict, seed: int) -> tuple[dict, f
 
     from rlq.checkpoint import best_checkpoint_path, load_agent, load_checkpoint
     from rlq.evaluation import run_episodes
-    from rlq.quant import QuantConfig, calibrate, quantize_
+    from rlq.quant import QuantConfig, bias_correct, calibrate, equalize_, quantize_
     from rlq.trainer import make_env_from_cfg
 
     torch.set_num_threads(1)
@@ -211,6 +215,14 @@ def _analyse_seed(args: argparse.Namespace, r: dict, seed: int) -> tuple[dict, f
             quantize_(agent.online, QuantConfig(name=f"w{bits}a8", weight_bits=bits), torch.as_tensor(calib[:8]))
             calibrate(agent.online, calib, method=method)
             record(f"PTQ W{bits}A8 ({method})", agent)
+    for eq in (False, True):  # the two PTQ corrections of rlq.quant (their docstrings)
+        agent = load_agent(best)
+        if eq:
+            equalize_(agent.online, calib, alpha=0.5)
+        quantize_(agent.online, QuantConfig(name="w8a8"), torch.as_tensor(calib[:8]))
+        calibrate(agent.online, calib)
+        bias_correct(agent.online, calib)
+        record("PTQ W8A8 (equalized + bias correction)" if eq else "PTQ W8A8 (minmax + bias correction)", agent)
     for name, quant in QAT.items():
         ckpt = best_checkpoint_path(work / f"ft-{quant}-s{seed}")
         record(name, load_agent(ckpt), ckpt)
@@ -234,7 +246,7 @@ def report(rows: dict, random_return: float, args: argparse.Namespace, r: dict, 
                       for s in args.seeds]
     fp32_ov = " ".join(r["overrides"])
     lines = [
-        f"# Score versus bits: Double DQN on {args.env} ({len(args.seeds)} seeds)",
+        f"# Score versus bits: {AGENT_NAMES[args.agent]} on {args.env} ({len(args.seeds)} seeds)",
         "",
         f"Command: `{command}`  ",
         f"Machine: {platform.processor() or platform.machine()}; python {platform.python_version()}, "
@@ -246,7 +258,9 @@ def report(rows: dict, random_return: float, args: argparse.Namespace, r: dict, 
         f"{r['eval_episodes']} selection episodes; the policy is the best-evaluation checkpoint "
         "(`checkpoint.keep_best=true`).",
         "- PTQ: that fp32 policy, per-channel max weight scales, activation ranges calibrated on 5000 replay "
-        "observations of its run.",
+        "observations of its run; \"bias correction\": then `rlq.quant.bias_correct` on the same observations "
+        "(every channel's mean output set to the float network's); \"equalized\": `rlq.quant.equalize_` (alpha "
+        "0.5) on the float network first.",
         f"- QAT: fine-tuning of that fp32 policy with quantization on from the start: {r['ft_steps']} env steps, "
         f"lr {r['ft_lr']}, fixed epsilon, fresh replay ({r['ft_learning_starts']} steps before updates), "
         "activation ranges initialised by PTQ calibration then EMA; W8A8 max weight scales, W4A8/W2A8 LSQ "
@@ -280,7 +294,7 @@ def report(rows: dict, random_return: float, args: argparse.Namespace, r: dict, 
     lines += ["", "Training wall time per run (s, median; machine shared with other jobs): " + ", ".join(
         f"{k} {np.median(v):.0f}" for k, v in wall.items())]
     text = "\n".join(lines) + "\n"
-    stem = f"qat_{args.env.lower()}"
+    stem = f"qat_{args.env.lower()}" + ("" if args.agent == "double_dqn" else f"_{args.agent.split('_')[0]}")
     results.mkdir(parents=True, exist_ok=True)
     old = results / f"{stem}.md"
     if old.exists() and "## Reading" in old.read_text():  # keep the hand-written analysis below the tables
@@ -302,7 +316,7 @@ def report(rows: dict, random_return: float, args: argparse.Namespace, r: dict, 
         ax.set_yticks(range(len(names)), names)
         ax.invert_yaxis()
         ax.set_xlabel(f"{args.env} test return (IQM over {len(args.seeds)} seeds, 95% CI; dots: seeds)")
-        ax.set_title(f"Double DQN on {args.env}: fp32 vs PTQ vs QAT")
+        ax.set_title(f"{AGENT_NAMES[args.agent]} on {args.env}: fp32 vs PTQ vs QAT")
         fig.tight_layout()
         fig.savefig(results / f"{stem}.png", dpi=120)
         text += f"\nPlot: experiments/results/{stem}.png\n"
@@ -315,12 +329,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--env", default="CartPole", choices=sorted(RECIPES))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--agent", default="double_dqn", choices=["double_dqn", "dueling_dqn"],
+                    help="the agent every run uses (the recipe's other overrides stay)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--analyse-only", action="store_true")
     ap.add_argument("--no-report", action="store_true", help="train only (e.g. dev seeds)")
     ap.add_argument("--results", default=str(RESULTS), help="where the report goes (dev seeds: elsewhere)")
     args = ap.parse_args()
-    r = RECIPES[args.env]
+    r = dict(RECIPES[args.env])
+    r["overrides"] = [f"agent={args.agent}" if o.startswith("agent=") else o for o in r["overrides"]]
     args.workdir = args.workdir or f"runs/qat_sweep_{args.env.lower()}"
     command = "python " + " ".join(["experiments/qat_sweep.py", *sys.argv[1:]])
     import torch
