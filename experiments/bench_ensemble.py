@@ -115,6 +115,8 @@ def settings():
         "SAC critic: n_critics=1": (_agent(pend_obs, pend_act, *sac, "agent.n_critics=1"), cb),
         "SAC critic: n_critics=2 (SAC)": (_agent(pend_obs, pend_act, *sac, "agent.n_critics=2"), cb),
         "SAC critic: n_critics=10 (SAC-N)": (_agent(pend_obs, pend_act, *sac, "agent.n_critics=10"), cb),
+        "SAC critic: n_critics=10 (SAC-N), bf16": (_agent(pend_obs, pend_act, *sac, "agent.n_critics=10",
+                                                          "agent.amp=bf16"), cb),
         "SAC critic: 10 critics, Python loop": (LoopCritics(10, 3, 1), cb),
     }
     return out

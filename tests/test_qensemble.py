@@ -359,6 +359,29 @@ def test_sac_redq_update_matches_the_formula_by_hand():
     assert a.update(batch).metrics["loss"] == pytest.approx(want.item(), rel=1e-5)
 
 
+def test_sac_n_bf16_update_matches_fp32_up_to_bf16_rounding():
+    """agent.amp=bf16 on SAC-N: critic and actor steps as in fp32 up to bf16 rounding, fp32 parameters; DSAC
+    refuses it in one line."""
+    ov = ("agent=sac_n", "agent.n_critics=6")
+    torch.manual_seed(0)
+    fp32 = _sac(*ov)
+    torch.manual_seed(0)
+    bf16 = _sac(*ov, "agent.amp=bf16")
+    for i in range(3):
+        batch = _batch(b=64, obs_dim=3, continuous=True, seed=i)
+        m32, m16 = fp32.update(batch).metrics, bf16.update(batch).metrics
+        for k in ("loss", "q_mean", "actor_loss"):
+            assert m16[k] == pytest.approx(m32[k], rel=0.03, abs=2e-3), k
+    assert all(p.dtype == torch.float32 for p in bf16.critics.parameters())
+    moved = [torch.cat([p.flatten() for p in a.critics.parameters()]) for a in (fp32, bf16)]
+    assert torch.nn.functional.cosine_similarity(moved[0], moved[1], dim=0) > 0.999
+    obs = np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32)
+    bf16.actor.load_state_dict(fp32.actor.state_dict())
+    np.testing.assert_array_equal(bf16.act(obs, explore=False), fp32.act(obs, explore=False))  # acting is fp32
+    with pytest.raises(ValueError, match="agent.amp=bf16 is for SAC's ensemble critics"):
+        _sac("agent=dsac", "agent.amp=bf16")
+
+
 def test_sac_ensemble_round_trip_is_exact():
     a = _sac("agent=redq", "env=Pendulum", "agent.n_critics=5", "agent.gradient_steps=2", "agent.policy_delay=2")
     batch = _batch(b=8, obs_dim=3, continuous=True)

@@ -344,6 +344,11 @@ class SACAgent(_SACBase):
                              "keeps its own distributional critics (use agent=sac for critic ensembles)")
         check_ensemble_cfg(self.n_critics, self.reduction, self.redq_m, "agent.n_critics")
         n_critics = 1 if (self.distributional and self.variant == "v1") else self.n_critics
+        # agent.amp=bf16: the critic ensemble's products (forward and backward) in bf16; fp32 everything else
+        self.amp = str(cfg.get("amp", "none"))
+        if self.amp != "none" and self.distributional:
+            raise ValueError(f"agent.amp={self.amp} is for SAC's ensemble critics: {cfg.name} keeps its own "
+                             "distributional critics (use agent.amp=none)")
         # agent=eaudesac: K critic sets of N members in one ensemble, selected and pruned as in EauDeQN
         self.eaude = str(cfg.get("critic_sparsity", "none")) == "eaudeqn"
         if self.eaude and (self.distributional or self.quant.enabled):
@@ -422,9 +427,9 @@ class SACAgent(_SACBase):
         else:
             with torch.no_grad():
                 a2, logp2 = self.actor.sample(next_obs, self.gen)
-                q_next = self.critic_targets(next_obs, a2, self.target_members()).squeeze(-1)  # (k, B)
-                y = reward + discount * (reduce_members(q_next, self.reduction) - alpha * logp2)
-            qs = self.critics(obs, action).squeeze(-1)  # (N, B); eaudesac: (K * N, B), set s = rows s*N..s*N+N-1
+                q_next = self._critic_forward(self.critic_targets, next_obs, a2, self.target_members()).squeeze(-1)
+                y = reward + discount * (reduce_members(q_next, self.reduction) - alpha * logp2)  # q_next: (k, B)
+            qs = self._critic_forward(self.critics, obs, action).squeeze(-1)  # (N, B); eaudesac: (K * N, B)
             per_critic = (qs - y).pow(2).mean(1)
             critic_loss = per_critic.sum()
             info = {"q_mean": qs[0].detach().mean().item()}
@@ -444,7 +449,7 @@ class SACAgent(_SACBase):
                 if self.distributional:
                     q_pi = torch.stack([c(obs, a)[..., 0] for c in self.critics]).min(0).values
                 else:  # SAC / SAC-N: min over all critics; REDQ and mean: the mean over all critics
-                    q_pi = reduce_members(self.critics(obs, a, self._actor_critics)[..., 0],
+                    q_pi = reduce_members(self._critic_forward(self.critics, obs, a, self._actor_critics)[..., 0],
                                           "min" if self.reduction == "min" else "mean")
                 actor_loss = (alpha * logp - q_pi).mean()
                 actor_value = self.optimizer_step(actor_loss, self.actor_optimizer, self._actor_params,
@@ -464,6 +469,14 @@ class SACAgent(_SACBase):
         elif not self.distributional:
             polyak(self.critic_targets, self.critics, self.tau)
         return UpdateOut(metrics=metrics)
+
+    def _critic_forward(self, critics: nn.Module, obs: torch.Tensor, action: torch.Tensor,
+                        members: torch.Tensor | None = None) -> torch.Tensor:
+        """``critics(obs, action, members)`` in fp32; its products in bf16 when ``agent.amp=bf16``."""
+        if self.amp == "bf16":
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                return critics(obs, action, members).float()
+        return critics(obs, action, members)
 
     def target_members(self) -> torch.Tensor | None:
         """The target critics this update reduces over: all (None), or REDQ's random subset of M."""
