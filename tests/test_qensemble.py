@@ -217,7 +217,8 @@ def test_loss_sums_the_members_huber_losses_against_one_target():
 def test_bf16_update_matches_fp32_up_to_bf16_rounding(reduction):
     """agent.amp=bf16: the same update as fp32 up to bf16 rounding; parameters, gradients and Adam stay fp32; the
     target's cached bf16 weights follow the hard copy; acting is fp32 and identical."""
-    ov = ("agent.n_members=5", f"agent.target_reduction={reduction}", "agent.double=true", "agent.target_update_period=2")
+    ov = ("agent.n_members=5", f"agent.target_reduction={reduction}", "agent.double=true",
+          "agent.target_update_period=2")
     torch.manual_seed(0)
     fp32 = _agent(*ov)
     torch.manual_seed(0)
