@@ -41,7 +41,8 @@ def run_one(agent: str, seed: int, steps: int, runs: Path, episodes: int, extra:
     mine = [o for o in extra if o.split("=", 1)[0].removeprefix("agent.") in composed.agent]
     overrides += mine
     cfg = build_config(_compose(overrides), overrides)
-    run_dir = runs / f"{agent}-s{seed}"
+    tag = "".join(f"-{o.removeprefix('agent.')}" for o in mine)  # a variant's runs keep their own directories
+    run_dir = runs / f"{agent}{tag}{'' if steps == 50_000 else f'-{steps // 1000}k'}-s{seed}"
     if (run_dir / "metrics.jsonl").exists():
         (run_dir / "metrics.jsonl").unlink()
     summary = run(cfg, run_dir)  # rlq.train.run: the CLI's own build-train-close
@@ -64,8 +65,13 @@ def run_one(agent: str, seed: int, steps: int, runs: Path, episodes: int, extra:
             "sparser_selections": train[-1].get("sparser_selections"), "wall_s": wall, "sps": summary["sps"]}
 
 
+def variant(r: dict) -> str:
+    """A row's agent with its overrides and budget (rows of the same variant are averaged together)."""
+    return " ".join([r["agent"], *r["overrides"], f"({r['steps'] // 1000}k steps)"])
+
+
 def report(rows: list[dict]) -> str:
-    agents = sorted({r["agent"] for r in rows}, key=lambda a: (a != "eaudeqn", a))
+    agents = sorted({variant(r) for r in rows}, key=lambda a: (not a.startswith("eaudeqn"), a))
     cmd = " ".join(["python", "experiments/cartpole_eaudeqn.py", *sys.argv[1:]])
     lines = [f"# EauDeQN vs dense DQN on CartPole-v1: policy sparsity and greedy return under the same budget", "",
              f"Last command: `{cmd}` (each row records its own settings)  ",
@@ -81,8 +87,8 @@ def report(rows: list[dict]) -> str:
              "sparser selections | best checkpoint: step, greedy return, sparsity | wall (s) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for a in agents:
-        for r in sorted((r for r in rows if r["agent"] == a), key=lambda r: r["seed"]):
-            lines.append(f"| {a} | {r['seed']} | {r['steps']} | {' '.join(r['overrides']) or '-'} | "
+        for r in sorted((r for r in rows if variant(r) == a), key=lambda r: r["seed"]):
+            lines.append(f"| {r['agent']} | {r['seed']} | {r['steps']} | {' '.join(r['overrides']) or '-'} | "
                          f"{r['greedy_return']:.1f} ± {r['greedy_std']:.1f} ({r['episodes']} ep) | {r['last5_eval']:.1f} | "
                          f"{r['sparsity']:.1%} | {r['nonzero']} / {r['params']} | {r['sparser_selections'] or '-'} | "
                          f"{r['best_step']}, {r['best_return']:.1f}, {r['best_sparsity']:.1%} | {r['wall_s']:.0f} |")
@@ -90,7 +96,7 @@ def report(rows: list[dict]) -> str:
               "mean greedy return, min / mean sparsity |", "|---|---|---|---|---|---|"]
     means, last5, bests = {}, {}, {}
     for a in agents:
-        rs = [r for r in rows if r["agent"] == a]
+        rs = [r for r in rows if variant(r) == a]
         means[a] = float(np.mean([r["greedy_return"] for r in rs]))
         last5[a] = float(np.mean([r["last5_eval"] for r in rs]))
         bests[a] = float(np.mean([r.get("best_return", np.nan) for r in rs]))
@@ -98,10 +104,12 @@ def report(rows: list[dict]) -> str:
         bsp = [r.get("best_sparsity", np.nan) for r in rs]
         lines.append(f"| {a} | {len(rs)} | {means[a]:.1f} | {last5[a]:.1f} | {min(sp):.1%} / {np.mean(sp):.1%} | "
                      f"{bests[a]:.1f}, {min(bsp):.1%} / {np.mean(bsp):.1%} |")
-    if "eaudeqn" in means and "dqn" in means:
-        ratio = lambda d: d["eaudeqn"] / max(d["dqn"], 1e-9)  # noqa: E731
-        lines += ["", f"EauDeQN / dense DQN: final greedy return {ratio(means):.1%}, last-5 eval {ratio(last5):.1%}, "
-                      f"best checkpoint's greedy return {ratio(bests):.1%}."]
+    for a in (a for a in agents if a.startswith("eaudeqn")):
+        dqn = f"dqn {a[a.index('('):]}"  # dense DQN under the same budget
+        if dqn in means:
+            ratio = lambda d: d[a] / max(d[dqn], 1e-9)  # noqa: E731
+            lines += ["", f"{a} / {dqn}: final greedy return {ratio(means):.1%}, last-5 eval {ratio(last5):.1%}, "
+                          f"best checkpoint's greedy return {ratio(bests):.1%}."]
     return "\n".join(lines) + "\n"
 
 
@@ -114,14 +122,15 @@ def plot(rows: list[dict], path: Path) -> bool:
     except ImportError:
         return False
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    colors = {"eaudeqn": "tab:blue", "dqn": "tab:gray"}
-    for r in sorted(rows, key=lambda r: (r["agent"], r["seed"])):
-        c = colors.get(r["agent"], None)
+    names = sorted({variant(r) for r in rows})
+    colors = {n: ("tab:gray" if n == "dqn" else f"C{i}") for i, n in enumerate(names)}
+    for r in sorted(rows, key=lambda r: (variant(r), r["seed"])):
+        c = colors[variant(r)]
         s, v = zip(*r["eval_curve"])
-        ax1.plot(s, v, color=c, alpha=0.8, label=f"{r['agent']} s{r['seed']}")
+        ax1.plot(s, v, color=c, alpha=0.8, label=f"{variant(r)} s{r['seed']}")
         if r["agent"] == "eaudeqn":
             s, v = zip(*r["sparsity_curve"])
-            ax2.plot(s, np.array(v) * 100, color=c, alpha=0.8, label=f"s{r['seed']}")
+            ax2.plot(s, np.array(v) * 100, color=c, alpha=0.8, label=f"{variant(r)} s{r['seed']}")
     ax1.set(xlabel="env steps", ylabel="greedy eval return (10 episodes)", title="return")
     ax2.set(xlabel="env steps", ylabel="policy sparsity (%)", title="EauDeQN sparsity", ylim=(0, 100))
     ax1.legend(fontsize=7)
@@ -146,7 +155,7 @@ def main() -> None:
     for agent in args.agents:
         for seed in args.seeds:
             r = run_one(agent, seed, args.steps, args.runs, args.episodes, extra)
-            rows = [x for x in rows if (x["agent"], x["seed"]) != (agent, seed)] + [r]
+            rows = [x for x in rows if (variant(x), x["seed"]) != (variant(r), seed)] + [r]  # a rerun replaces
             store.write_text(json.dumps(rows, indent=1))
             print(f"{agent} seed {seed}: greedy {r['greedy_return']:.1f}, sparsity {r['sparsity']:.1%}, "
                   f"{r['wall_s']:.0f}s", flush=True)

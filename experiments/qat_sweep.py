@@ -3,6 +3,7 @@ same Double DQN policies, several seeds, IQM with 95% stratified-bootstrap CIs, 
 
     python experiments/qat_sweep.py --env CartPole     [--seeds 0 1 2 3 4] [--workdir DIR] [--analyse-only]
     python experiments/qat_sweep.py --env LunarLander  [--seeds 0 1 2 3 4] [--workdir DIR] [--analyse-only]
+                                                       [--scratch w4a8] [--agent double_dqn|dueling_dqn]
 
 Protocol (the same for every env; the recipes are in ``RECIPES``, chosen on dev seeds 100 and 101 only):
 
@@ -23,6 +24,9 @@ Protocol (the same for every env; the recipes are in ``RECIPES``, chosen on dev 
    epsilon and learning rate ``ft_lr``, evaluated like fp32 (the initial PTQ-initialised network is the
    first candidate), keeping its best-evaluation checkpoint.
 4. **fp32 fine-tune (control)**: step 3 without quantization, to show what the extra training alone does.
+5. ``--scratch w4a8 [w2a8 ...]`` (optional): QAT from the first update, ``quant.start_step=0``, with the fp32
+   recipe and budget (no fine-tuning recipe involved), selected and scored like fp32 (rows "QAT ... from
+   scratch"; a seed scored before gets these rows added).
 
 Scores: every selected policy plays ``test_episodes`` *test* episodes on other seeds (``50000 + seed``),
 never used for selection or tuning; a run's score is their mean return; IQM over seeds with a 95%
@@ -40,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import shutil
 import sys
@@ -75,14 +80,17 @@ def _cfg(env: str, overrides: list[str]):
     return build_config(_compose(ov), ov)
 
 
-def train_fp32(env: str, seed: int, work: Path, r: dict) -> str:
-    """Step 1: fp32 Double DQN with best-evaluation checkpointing; saves calibration observations."""
+def train_fp32(env: str, seed: int, work: Path, r: dict, quant: str = "none") -> str:
+    """Step 1: fp32 Double DQN with best-evaluation checkpointing; saves calibration observations. With
+    ``quant`` (``--scratch``): the same run with QAT from the first update (``quant.start_step=0``)."""
     from rlq.trainer import Trainer
-    run = work / f"fp32-s{seed}"
+    name = "fp32" if quant == "none" else f"scratch-{quant}"
+    run = work / f"{name}-s{seed}"
     if (run / "done.json").exists():
-        return f"fp32 seed {seed}: done before"
+        return f"{name} seed {seed}: done before"
     shutil.rmtree(run, ignore_errors=True)  # an interrupted run starts over
-    cfg = _cfg(env, [*r["overrides"], *COMMON, f"seed={seed}", f"total_steps={r['steps']}",
+    qat = [] if quant == "none" else [f"quant={quant}", "quant.start_step=0"]
+    cfg = _cfg(env, [*r["overrides"], *COMMON, *qat, f"seed={seed}", f"total_steps={r['steps']}",
                      f"eval.every={r['eval_every']}", f"eval.episodes={r['eval_episodes']}", "eval.final=true"])
     t0 = time.time()
     tr = Trainer(cfg, run)
@@ -92,7 +100,7 @@ def train_fp32(env: str, seed: int, work: Path, r: dict) -> str:
     finally:
         tr.close()
     (run / "done.json").write_text(json.dumps({"wall_s": time.time() - t0, "best_eval": tr.best_eval}))
-    return f"fp32 seed {seed}: trained in {time.time() - t0:.0f}s, best selection eval {tr.best_eval:.1f}"
+    return f"{name} seed {seed}: trained in {time.time() - t0:.0f}s, best selection eval {tr.best_eval:.1f}"
 
 
 def fine_tune(env: str, seed: int, quant: str, work: Path, r: dict) -> str:
@@ -163,15 +171,23 @@ def analyse(args: argparse.Namespace, r: dict) -> tuple[dict, float]:
 
 def analyse_seed(args: argparse.Namespace, r: dict, seed: int) -> tuple[dict, float]:
     cache = Path(args.workdir) / f"analysis-s{seed}.json"
+    scratch = [f"QAT {q.upper()} from scratch" for q in args.scratch]
     if cache.exists():
         data = json.loads(cache.read_text())
-        return data["rows"], data["random_return"]
-    rows, random_return = _analyse_seed(args, r, seed)
-    cache.write_text(json.dumps({"rows": rows, "random_return": random_return}))
-    return rows, random_return
+        missing = [name for name in scratch if name not in data["rows"]]
+        if not missing:
+            return data["rows"], data["random_return"]
+        rows, _ = _analyse_seed(args, r, seed, only=missing)  # scratch runs added to a scored seed
+        data["rows"].update(rows)
+    else:
+        rows, random_return = _analyse_seed(args, r, seed)
+        data = {"rows": rows, "random_return": random_return}
+    cache.write_text(json.dumps(data))
+    return data["rows"], data["random_return"]
 
 
-def _analyse_seed(args: argparse.Namespace, r: dict, seed: int) -> tuple[dict, float]:
+def _analyse_seed(args: argparse.Namespace, r: dict, seed: int, only: list[str] | None = None) -> tuple[dict, float]:
+    """Score every setting of one seed (``only``: just these rows, for runs added later)."""
     import torch
 
     from rlq.checkpoint import best_checkpoint_path, load_agent, load_checkpoint
@@ -195,9 +211,19 @@ def _analyse_seed(args: argparse.Namespace, r: dict, seed: int) -> tuple[dict, f
     env_cfg = fp32.config.env
     n_act = fp32.action_space.n
     rng = np.random.default_rng(seed)
-    random_return = test_return(lambda o: rng.integers(n_act, size=len(o)), env_cfg, seed)
     states = heldout_states(fp32, env_cfg, 10_000, 70_000 + seed)
     ref_actions = fp32.act(states, explore=False)
+    if only is not None:
+        for name in only:
+            quant = name.split()[1].lower()
+            ckpt = best_checkpoint_path(work / f"scratch-{quant}-s{seed}")
+            agent = load_agent(ckpt)
+            rows[name] = {"return": test_return(lambda o: agent.act(o, explore=False), env_cfg, seed),
+                          "agreement": float((agent.act(states, explore=False) == ref_actions).mean()),
+                          "selected_step": int(load_checkpoint(ckpt)["best_eval"]["step"])}
+            print(f"  seed {seed} {name}: {rows[name]}", flush=True)
+        return rows, math.nan
+    random_return = test_return(lambda o: rng.integers(n_act, size=len(o)), env_cfg, seed)
 
     def record(name, agent, ckpt=None):
         rows[name] = {
@@ -228,6 +254,9 @@ def _analyse_seed(args: argparse.Namespace, r: dict, seed: int) -> tuple[dict, f
         record(name, load_agent(ckpt), ckpt)
     ckpt = best_checkpoint_path(work / f"ft-none-s{seed}")
     record("fp32 fine-tune (control)", load_agent(ckpt), ckpt)
+    for quant in args.scratch:
+        ckpt = best_checkpoint_path(work / f"scratch-{quant}-s{seed}")
+        record(f"QAT {quant.upper()} from scratch", load_agent(ckpt), ckpt)
     return rows, random_return
 
 
@@ -241,7 +270,8 @@ def report(rows: dict, random_return: float, args: argparse.Namespace, r: dict, 
     ci = interval_estimates(scores, reps=5000)
     base = ci["fp32"]["IQM"][0]
     wall = {}
-    for name, run in [("fp32", "fp32"), *[(k, f"ft-{q}") for k, q in QAT.items()], ("fp32 fine-tune", "ft-none")]:
+    for name, run in [("fp32", "fp32"), *[(k, f"ft-{q}") for k, q in QAT.items()], ("fp32 fine-tune", "ft-none"),
+                      *[(f"QAT {q.upper()} from scratch", f"scratch-{q}") for q in args.scratch]]:
         wall[name] = [json.loads((Path(args.workdir) / f"{run}-s{s}" / "done.json").read_text())["wall_s"]
                       for s in args.seeds]
     fp32_ov = " ".join(r["overrides"])
@@ -333,6 +363,8 @@ def main() -> None:
                     help="the agent every run uses (the recipe's other overrides stay)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--analyse-only", action="store_true")
+    ap.add_argument("--scratch", nargs="*", default=[], choices=list(QAT.values()),
+                    help="also train (and score) QAT runs from the first update with the fp32 recipe")
     ap.add_argument("--no-report", action="store_true", help="train only (e.g. dev seeds)")
     ap.add_argument("--results", default=str(RESULTS), help="where the report goes (dev seeds: elsewhere)")
     args = ap.parse_args()
@@ -348,6 +380,8 @@ def main() -> None:
             print(train_fp32(args.env, seed, work, r), flush=True)
             for quant in (*QAT.values(), "none"):
                 print(fine_tune(args.env, seed, quant, work, r), flush=True)
+            for quant in args.scratch:
+                print(train_fp32(args.env, seed, work, r, quant), flush=True)
             if not args.no_report:  # score the seed now: a partial sweep has finished seeds to report
                 analyse_seed(args, r, seed)
     if args.no_report:
