@@ -2,7 +2,7 @@
 relative to fp32, for the CartPole MLP and the Nature CNN (Pong shapes). Settings alternate inside each
 round so that machine noise hits them alike; medians over rounds.
 
-    python experiments/bench_qat.py [--rounds 7] [--iters 60] [--threads 1] [--clock process|wall]
+    python experiments/bench_qat.py [--rounds 7] [--iters 60] [--threads 1] [--clock process|wall] [--stages]
 
 Each round times ``--iters`` updates per setting (after a warm-up; the order of the settings rotates from
 round to round): fp32, w8a8 (max-based weight scales,
@@ -11,7 +11,10 @@ QuEST weights. Then the whole training loop's env steps per second (fp32, w8a8, 
 ``--clock process`` (default) times with this process's CPU time (``time.process_time``): on a machine
 shared with other jobs, wall time also counts the time the process waits for a core; ``wall`` for a quiet
 machine. Writes experiments/results/bench_qat.md with the machine, versions, the fake-quant implementation
-(``rlq.quant.native.status()``) and the command.
+(``rlq.quant.native.status()``) and the command. ``--stages`` adds where the MLP update's time goes (online
+forward, target, loss, backward, clipping, Adam, the rest), fp32 against w8a8 and w4a8; ``--layers`` one w8a8
+layer's training forward against its pieces (what is left is Python and autograd). A ``## Notes`` section
+written by hand below the tables is kept when the file is rewritten.
 """
 from __future__ import annotations
 
@@ -94,6 +97,82 @@ def loop_sps(net_ov: list[str], quant_ov: list[str], steps: int, learning_starts
     return (learning_starts + steps) / dt
 
 
+def stages(rounds: int, iters: int) -> list[tuple[str, dict[str, float]]]:
+    """The stages of ``DQNAgent.update`` timed one by one on the CartPole MLP (ms, median over rounds)."""
+    import torch.nn.functional as F
+    net_ov, space, n_act = NETS["MLP 256-256 (CartPole, batch 64)"]
+    agents = {k: make(net_ov + SETTINGS[k], space, n_act) for k in ("fp32", "w8a8", "w4a8")}
+    for agent, batch in agents.values():  # warm-up
+        time_updates(agent, batch, 10)
+    names = ("online forward", "target", "loss", "backward", "clip", "Adam", "rest")
+    res = {k: {n: [] for n in names} for k in agents}
+    for _ in range(rounds):
+        for k, (a, b) in agents.items():
+            acc = dict.fromkeys(names, 0.0)
+            action = b.action.long().unsqueeze(1)
+            for _ in range(iters):
+                t0 = clock()
+                q = a._forward(a.online, b.obs).gather(1, action).squeeze(1)
+                t1 = clock()
+                target = a.td_target(b)
+                t2 = clock()
+                loss = (b.weights * F.smooth_l1_loss(q, target, reduction="none")).mean()
+                a.optimizer.zero_grad(set_to_none=True)
+                loss.item()
+                t3 = clock()
+                loss.backward()
+                t4 = clock()
+                torch.nn.utils.clip_grad_norm_(a._params, a.max_grad_norm or float("inf"), foreach=True)
+                t5 = clock()
+                a.optimizer.step()
+                t6 = clock()
+                a.updates += 1
+                a._update_target()
+                (target - q).detach().abs().cpu().numpy()
+                t7 = clock()
+                for n, (x, y) in zip(names, ((t0, t1), (t1, t2), (t2, t3), (t3, t4), (t4, t5), (t5, t6), (t6, t7))):
+                    acc[n] += (y - x) / iters
+            for n in names:
+                res[k][n].append(acc[n] * 1e3)
+    return [(k, {n: statistics.median(v) for n, v in r.items()}) for k, r in res.items()]
+
+
+def layers(iters: int) -> list[tuple[str, dict[str, float]]]:
+    """One w8a8 MLP layer's training forward (x without gradient, as the online network's first layer sees
+    it) against its pieces: the observer update, the input and weight fake-quant, the matmul on quantized
+    operands, and the fp32 layer (us per call, thread time). Their difference is the Python and autograd
+    overhead of the layer's one autograd node."""
+    import torch.nn.functional as F
+    net_ov, space, n_act = NETS["MLP 256-256 (CartPole, batch 64)"]
+    agent, batch = make(net_ov + SETTINGS["w8a8"], space, n_act)
+    time_updates(agent, batch, 20)
+
+    def us(f) -> float:
+        for _ in range(100):
+            f()
+        t = time.thread_time()
+        for _ in range(iters):
+            f()
+        return (time.thread_time() - t) / iters * 1e6
+
+    out = []
+    for m in (agent.online.encoder.net[0], agent.online.encoder.net[2], agent.online.head.q):
+        x = torch.randn(64, m.in_features).relu()
+        act, wq = m._q
+        info = act.train_info(x)
+        xq, _ = act.train_fwd(x, act.train_param(), info, True)
+        w_hat, _ = wq.train_fwd(m.weight, wq.train_param(m.weight), True)
+        row = {"QAT layer forward": us(lambda: m(x)), "observer": us(lambda: act.train_info(x)),
+               "input fake-quant": us(lambda: act.train_fwd(x, act.train_param(), info, True)),
+               "weight fake-quant": us(lambda: wq.train_fwd(m.weight, wq.train_param(m.weight), True)),
+               "matmul (quantized operands)": us(lambda: F.linear(xq, w_hat, m.bias)),
+               "fp32 layer forward": us(lambda: F.linear(x, m.weight, m.bias))}
+        pieces = sum(row[k] for k in ("observer", "input fake-quant", "weight fake-quant", "matmul (quantized operands)"))
+        row["rest (Python, autograd node)"] = row["QAT layer forward"] - pieces
+        out.append((f"{m.in_features} -> {m.out_features}", row))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=7)
@@ -101,6 +180,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--loop-rounds", type=int, default=3, help="rounds of the whole-loop measurement (0: skip)")
     ap.add_argument("--clock", choices=sorted(CLOCK), default="process")
+    ap.add_argument("--stages", action="store_true", help="also time the stages of the MLP update")
+    ap.add_argument("--layers", action="store_true", help="also time one w8a8 MLP layer's forward and its pieces")
     args = ap.parse_args()
     global clock
     clock = CLOCK[args.clock]
@@ -161,9 +242,25 @@ def main() -> None:
                   "steps/s / setting steps/s (median over rounds):", "",
                   "| network | setting | env steps / s | time ratio to fp32 |", "|---|---|---|---|"]
         lines += [f"| {n} | {k} | {sps:.0f} | {ratio:.2f}x |" for n, k, sps, ratio in loop_rows]
+    if args.stages:
+        st = stages(args.rounds, args.iters)
+        keys = list(st[0][1])
+        lines += ["", "Stages of the MLP update (ms, median over rounds):", "",
+                  "| setting | " + " | ".join(keys) + " | sum |", "|---|" + "---|" * (len(keys) + 1)]
+        lines += [f"| {k} | " + " | ".join(f"{v[n]:.3f}" for n in keys) + f" | {sum(v.values()):.3f} |"
+                  for k, v in st]
+    if args.layers:
+        lay = layers(4000)
+        keys = list(lay[0][1])
+        lines += ["", "One w8a8 MLP layer's training forward and its pieces (us per call, batch 64, thread time):", "",
+                  "| layer | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+        lines += [f"| {k} | " + " | ".join(f"{v[n]:.1f}" for n in keys) + " |" for k, v in lay]
     text = "\n".join(lines) + "\n"
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "bench_qat.md").write_text(text)
+    path = RESULTS / "bench_qat.md"
+    old = path.read_text(encoding="utf-8") if path.exists() else ""
+    notes = old[old.index("## Notes"):] if "## Notes" in old else ""  # the hand-written notes stay
+    path.write_text(text + ("\n" + notes if notes else ""), encoding="utf-8")
     print(text)
 
 
