@@ -754,6 +754,10 @@ def test_bias_correction_matches_every_channel_mean_and_leaves_the_quantizers_al
     assert [(m.act.qparams(), m.wq.enabled, m.act.enabled) for m in layers] == state
     with pytest.raises(ValueError, match="quantize_"):
         bias_correct(float_net, obs)
+    # layers the forward never reaches are left alone
+    head_bias = net.head.q.bias.clone()
+    assert set(bias_correct(net, obs, forward=lambda x: net.encoder(x))) == {"encoder.net.0", "encoder.net.2"}
+    assert torch.equal(net.head.q.bias, head_bias)
 
 
 # -- agents -------------------------------------------------------------------------------------------

@@ -326,12 +326,13 @@ def bias_correct(net: nn.Module, observations: np.ndarray | torch.Tensor, batch_
             with torch.no_grad():
                 for i in range(0, len(obs), batch_size):
                     chunk = obs[i:i + batch_size]
+                    seen[:] = [None] * len(targets)
                     forward(chunk)
-                    sums = [acc + y * len(chunk) for acc, y in zip(sums, seen)]
+                    sums = [acc if y is None else acc + y * len(chunk) for acc, y in zip(sums, seen)]
         finally:
             for h in hooks:
                 h.remove()
-        return [acc / len(obs) for acc in sums]
+        return [None if isinstance(acc, float) else acc / len(obs) for acc in sums]  # None: layer never ran
 
     corrections = {}
     try:
@@ -339,6 +340,8 @@ def bias_correct(net: nn.Module, observations: np.ndarray | torch.Tensor, batch_
         biased = [(name, m, b) for name, m, b in biased if b is not None]
         reference = channel_means([m for _, m, _ in biased], False)  # the float network, before any change
         for (name, m, bias), want in zip(biased, reference):
+            if want is None:  # not on the path ``forward`` takes
+                continue
             delta = (want - channel_means([m], True)[0]).reshape(bias.shape)
             with torch.no_grad():
                 bias.add_(delta.to(bias.dtype))
