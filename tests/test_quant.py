@@ -685,6 +685,19 @@ def test_equalize_keeps_the_function_and_equalizes_the_hidden_ranges(dueling):
     assert bool((h1[~live] == 0).all())
 
 
+def test_equalize_keeps_a_sac_actor_tuple_output():
+    from rlq.agents.sac import GaussianActor
+    torch.manual_seed(0)
+    actor = GaussianActor(3, 1, [32, 32], -5.0, 2.0)
+    obs = torch.randn(500, 3)
+    with torch.no_grad():
+        before = actor(obs)
+    assert set(equalize_(actor, obs)) == {"net.0", "net.2"}  # the trunk feeds both the mean and the log-std
+    with torch.no_grad():
+        for a, b in zip(actor(obs), before):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_equalize_then_ptq_is_closer_to_the_float_network():
     net, obs = _skewed_mlp()
     with torch.no_grad():

@@ -353,6 +353,13 @@ def bias_correct(net: nn.Module, observations: np.ndarray | torch.Tensor, batch_
     return corrections
 
 
+def _flat_outputs(out: Any) -> torch.Tensor:
+    """A network's output(s) as one flat tensor (a SAC actor returns a tuple)."""
+    if isinstance(out, (tuple, list)):
+        return torch.cat([_flat_outputs(o) for o in out])
+    return out.detach().float().flatten()
+
+
 def equalize_(net: nn.Module, observations: np.ndarray | torch.Tensor, alpha: float = 0.5,
               forward=None, max_samples: int = 4096) -> dict[str, float]:
     """Cross-layer scaling of a **float** network before post-training quantization, in place: for each
@@ -419,7 +426,8 @@ def equalize_(net: nn.Module, observations: np.ndarray | torch.Tensor, alpha: fl
             for c in consumers:
                 c.weight.mul_(s[None, :])
             ratios[name] = float(s[live].max() / s[live].min()) if bool(live.any()) else 1.0
-        after = forward(obs)
+        after = _flat_outputs(forward(obs))
+        before = _flat_outputs(before)
         err = float((after - before).abs().max() / before.abs().max().clamp_min(1e-12))
         if not err < 1e-4:
             for name, m in linears:
