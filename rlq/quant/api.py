@@ -221,6 +221,19 @@ def is_quantized(module: nn.Module) -> bool:
 
 
 @torch.no_grad()
+def _quant_layers_and_observations(net: nn.Module, observations: np.ndarray | torch.Tensor, what: str
+                                   ) -> tuple[list[tuple[str, nn.Module]], torch.Tensor]:
+    """The quant layers of ``net`` (name, module) in module order and the observations as a tensor, or the
+    one-line ValueError that ``what`` (a PTQ function) raises when either is missing."""
+    layers = [(name, m) for name, m in net.named_modules() if isinstance(m, QUANT_LAYERS)]
+    if not layers:
+        raise ValueError(f"{what}() needs a network converted with quantize_() (no quant layers found)")
+    obs = torch.as_tensor(observations)
+    if len(obs) == 0:
+        raise ValueError(f"{what}() got no observations")
+    return layers, obs
+
+
 def calibrate(net: nn.Module, observations: np.ndarray | torch.Tensor, method: str = "minmax",
               percentile: float = 99.99, batch_size: int = 256, forward=None,
               max_samples: int = 1_000_000) -> dict[str, tuple[float, float]]:
@@ -235,12 +248,8 @@ def calibrate(net: nn.Module, observations: np.ndarray | torch.Tensor, method: s
     """
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"unknown calibration method {method!r}: choose one of {', '.join(CALIBRATION_METHODS)}")
-    layers = {name: m for name, m in net.named_modules() if isinstance(m, QUANT_LAYERS)}
-    if not layers:
-        raise ValueError("calibrate() needs a network converted with quantize_() (no quant layers found)")
-    obs = torch.as_tensor(observations)
-    if len(obs) == 0:
-        raise ValueError("calibrate() got no observations")
+    layers, obs = _quant_layers_and_observations(net, observations, "calibrate")
+    layers = dict(layers)
     forward = forward or net
     set_quant_enabled(net, False)
     samples: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
@@ -299,12 +308,7 @@ def bias_correct(net: nn.Module, observations: np.ndarray | torch.Tensor, batch_
     correction changes no grid and exports as any bias does. Call it after :func:`calibrate` (activation
     ranges set, quantization on); the quantizers' state is not touched. Returns ``{layer name: largest
     |correction|}``."""
-    layers = [(name, m) for name, m in net.named_modules() if isinstance(m, QUANT_LAYERS)]
-    if not layers:
-        raise ValueError("bias_correct() needs a network converted with quantize_() (no quant layers found)")
-    obs = torch.as_tensor(observations)
-    if len(obs) == 0:
-        raise ValueError("bias_correct() got no observations")
+    layers, obs = _quant_layers_and_observations(net, observations, "bias_correct")
     forward = forward or net
     was_training = net.training
     flags = [(m.act.enabled, m.wq.enabled) for _, m in layers]
