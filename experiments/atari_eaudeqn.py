@@ -18,24 +18,20 @@ from __future__ import annotations
 
 import argparse
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _launch import train_or_resume  # (experiments/ is on sys.path when a script runs)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def train(args: argparse.Namespace) -> int:
-    run = Path(args.run_dir)
-    if (run / "config.yaml").exists():
-        cmd = [sys.executable, "-m", "rlq.train", f"resume={run}"]
-    else:
-        cmd = [sys.executable, "-m", "rlq.train", "+experiment=pong_fast", "agent=eaudeqn", "agent.double=true",
-               "threads=1", f"total_steps={args.steps}", "eval.every=50000", "eval.target_return=null",
-               "checkpoint.every=50000", "log.progress=false", f"run_dir={run}", *args.overrides]
-    print("+", " ".join(cmd), flush=True)
-    return subprocess.call(cmd)
+    return train_or_resume(args.run_dir, [
+        "+experiment=pong_fast", "agent=eaudeqn", "agent.double=true", "threads=1", f"total_steps={args.steps}",
+        "eval.every=50000", "eval.target_return=null", "checkpoint.every=50000", "log.progress=false",
+        *args.overrides])
 
 
 def _episode_curve(recs: list[dict], window: int = 20) -> tuple[list[int], list[float]]:

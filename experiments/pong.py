@@ -16,23 +16,18 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _launch import train_or_resume  # (experiments/ is on sys.path when a script runs)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def train(args: argparse.Namespace) -> int:
-    run = Path(args.run_dir)
-    if (run / "config.yaml").exists():
-        cmd = [sys.executable, "-m", "rlq.train", f"resume={run}"]
-    else:
-        cmd = [sys.executable, "-m", "rlq.train", f"+experiment={args.preset}", f"seed={args.seed}", f"run_dir={run}",
-               "log.progress=false", *args.overrides]
-    print("+", " ".join(cmd), flush=True)
-    return subprocess.call(cmd)
+    return train_or_resume(args.run_dir, [f"+experiment={args.preset}", f"seed={args.seed}", "log.progress=false",
+                                          *args.overrides])
 
 
 def report(run_dir: str, command: str, out: str) -> str:

@@ -14,24 +14,20 @@ from __future__ import annotations
 
 import argparse
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _launch import train_or_resume  # (experiments/ is on sys.path when a script runs)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def train(args: argparse.Namespace) -> int:
-    run = Path(args.run_dir)
-    if (run / "config.yaml").exists():
-        cmd = [sys.executable, "-m", "rlq.train", f"resume={run}", f"total_steps={args.steps}"]
-    else:
-        cmd = [sys.executable, "-m", "rlq.train", "agent=rainbow", "env=Pong", f"env.num_envs={args.num_envs}",
-               f"total_steps={args.steps}", f"eval.every={args.eval_every}", f"eval.episodes={args.eval_episodes}",
-               f"checkpoint.every={args.eval_every}", f"seed={args.seed}", f"run_dir={run}", *args.overrides]
-    print("+", " ".join(cmd), flush=True)
-    return subprocess.call(cmd)
+    return train_or_resume(args.run_dir, [
+        "agent=rainbow", "env=Pong", f"env.num_envs={args.num_envs}", f"total_steps={args.steps}",
+        f"eval.every={args.eval_every}", f"eval.episodes={args.eval_episodes}", f"checkpoint.every={args.eval_every}",
+        f"seed={args.seed}", *args.overrides], resume=[f"total_steps={args.steps}"])
 
 
 def report(run_dir: str, command: str) -> str:
