@@ -26,6 +26,15 @@ from rlq.replay.base import Batch
 SMALL_BATCH = 16
 
 
+def amp_forward(amp: str, device: torch.device, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+    """``fn(*args)`` in fp32; with ``agent.amp=bf16`` under bf16 autocast, its output cast back to fp32 (the
+    agents' update forwards: targets, losses and everything after them stay fp32)."""
+    if amp == "bf16":
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return fn(*args).float()
+    return fn(*args)
+
+
 @contextmanager
 def acting_threads(batch: int) -> Iterator[None]:
     """Run a small acting batch (``batch <= SMALL_BATCH``, e.g. one row per env) on a single torch thread.

@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rlq.agents.base import Agent, UpdateOut, acting_threads, register
+from rlq.agents.base import Agent, UpdateOut, acting_threads, amp_forward, register
 from rlq.nets import DuelingHead, QHead, QNetwork, make_encoder
 from rlq.nets.distributional import CategoricalHead, categorical_loss, categorical_projection, gather_actions
 from rlq.nets.noisy import linear_factory, noise_disabled, reset_noise
@@ -175,11 +175,7 @@ class DQNAgent(Agent):
     # -- learning -----------------------------------------------------------------------------------
     def _forward(self, net: nn.Module, obs: torch.Tensor, q_values: bool = False) -> torch.Tensor:
         """``net(obs)`` (or ``net.q_values(obs)``) in fp32; under bf16 autocast when ``agent.amp=bf16``."""
-        fn = net.q_values if q_values else net
-        if self.amp == "bf16":
-            with torch.autocast(self.device.type, dtype=torch.bfloat16):
-                return fn(obs).float()
-        return fn(obs)
+        return amp_forward(self.amp, self.device, net.q_values if q_values else net, obs)
 
     def _next_action(self, batch: Batch, target_out: torch.Tensor) -> torch.Tensor:
         """Greedy next action (B, 1): from the online net (Double DQN) or the target net's output."""

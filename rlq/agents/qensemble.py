@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rlq.agents.base import UpdateOut, register
+from rlq.agents.base import UpdateOut, amp_forward, register
 from rlq.agents.dqn import DQNAgent
 from rlq.nets.ensemble import EnsembleQNetwork, make_ensemble_encoder, per_member_clip_grad_norm_
 from rlq.replay.base import Batch
@@ -104,10 +104,7 @@ class QEnsembleAgent(DQNAgent):
 
     def _members_forward(self, net: nn.Module, obs: torch.Tensor, members: torch.Tensor | None = None) -> torch.Tensor:
         """``net(obs, members)`` -> (k, B, A) in fp32; its products in bf16 when ``agent.amp=bf16``."""
-        if self.amp == "bf16":
-            with torch.autocast(self.device.type, dtype=torch.bfloat16):
-                return net(obs, members).float()
-        return net(obs, members)
+        return amp_forward(self.amp, self.device, net, obs, members)
 
     def td_target(self, batch: Batch) -> torch.Tensor:
         """``r + discount * max_a reduce_j Q̄_j(s', a)`` (Double: at the online mean's argmax), shape (B,)."""

@@ -94,7 +94,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rlq.agents.base import Agent, UpdateOut, register
+from rlq.agents.base import Agent, UpdateOut, amp_forward, register
 from rlq.agents.qensemble import check_ensemble_cfg, reduce_members
 from rlq.nets import make_encoder
 from rlq.nets.ensemble import EnsembleMLP
@@ -473,10 +473,7 @@ class SACAgent(_SACBase):
     def _critic_forward(self, critics: nn.Module, obs: torch.Tensor, action: torch.Tensor,
                         members: torch.Tensor | None = None) -> torch.Tensor:
         """``critics(obs, action, members)`` in fp32; its products in bf16 when ``agent.amp=bf16``."""
-        if self.amp == "bf16":
-            with torch.autocast(self.device.type, dtype=torch.bfloat16):
-                return critics(obs, action, members).float()
-        return critics(obs, action, members)
+        return amp_forward(self.amp, self.device, critics, obs, action, members)
 
     def target_members(self) -> torch.Tensor | None:
         """The target critics this update reduces over: all (None), or REDQ's random subset of M."""
