@@ -419,6 +419,112 @@ def test_fused_forward_on_torch_ops_equals_the_composed_quantizers(act_mode, wei
     test_fused_training_forward_equals_the_composed_quantizers(act_mode, weight_mode, bits, conv=False)
 
 
+def _mlp_pair(cfg: QuantConfig, bias: bool = True, end_relu: bool = False, seed: int = 0):
+    """Two copies of a quantized 5-16-16-3 ReLU MLP (QuantSequential), observed once and enabled: the
+    second one with the fused chain off (its layers run one autograd node each)."""
+    import copy
+    torch.manual_seed(seed)
+    layers = [nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 16, bias=bias), nn.ReLU(), nn.Linear(16, 3)]
+    net = nn.Sequential(*layers, *([nn.ReLU()] if end_relu else []))
+    quantize_(net, cfg)
+    net(torch.randn(32, 5))
+    set_quant_enabled(net, True)
+    fused, plain = copy.deepcopy(net), copy.deepcopy(net)
+    plain.fuse = False
+    return fused, plain
+
+
+def _same_training_steps(fused, plain, x_grad: bool, shape=(32, 5), steps=(1.0, 3.0, 0.5, 3.0)):
+    """Training forwards and backwards of both networks on the same batches (also ones far outside the observed
+    ranges: clipped grids) give the same outputs, gradients and observer states, bit for bit."""
+    for scale in steps:
+        x = torch.randn(shape) * scale
+        xf, xp = x.clone().requires_grad_(x_grad), x.clone().requires_grad_(x_grad)
+        yf, yp = fused(xf), plain(xp)
+        assert "QuantMLPFn" in type(yf.grad_fn).__name__ and "QuantMLPFn" not in type(yp.grad_fn).__name__
+        assert _same_bits(yf, yp)
+        g = torch.randn_like(yf)
+        yf.backward(g)
+        yp.backward(g)
+        if x_grad:
+            assert _same_bits(xf.grad, xp.grad)
+        for (name, pf), (_, pp) in zip(fused.named_parameters(), plain.named_parameters()):
+            assert (pf.grad is None) == (pp.grad is None), name
+            if pp.grad is not None:
+                assert _same_bits(pf.grad, pp.grad), name
+        for mf, mp in zip(fused.modules(), plain.modules()):
+            if isinstance(mf, QuantLinear):
+                assert mf.act.get_extra_state() == mp.act.get_extra_state()
+        fused.zero_grad(), plain.zero_grad()
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "w4a8", "w2a8"])
+@pytest.mark.parametrize("x_grad", [False, True])
+@pytest.mark.parametrize("native_loops", [True, False])
+def test_fused_mlp_chain_equals_one_node_per_layer(preset, x_grad, native_loops, monkeypatch):
+    """A quantized Linear/ReLU Sequential trains through one autograd node (QuantMLPFn) with the same values,
+    gradients (x, weights, biases, LSQ steps) and observer updates as its layers one by one, on the native
+    loops (with the fused ReLU-and-mask backward) and on torch ops."""
+    from rlq.quant import native
+    from rlq.quant.layers import QuantSequential
+    if not native_loops:
+        monkeypatch.setattr(native, "usable", lambda *t: None)
+    cfg = {"w8a8": W8, "w4a8": QuantConfig(name="w4a8", weight_bits=4, weight_mode="lsq"),
+           "w2a8": QuantConfig(name="w2a8", weight_bits=2, weight_mode="lsq")}[preset]
+    fused, plain = _mlp_pair(cfg, bias=preset != "w2a8", end_relu=preset == "w4a8")
+    assert type(fused) is QuantSequential
+    _same_training_steps(fused, plain, x_grad)
+
+
+def test_fused_q_network_covers_the_head_and_equals_the_layers(monkeypatch):
+    """A quantized MLP QNetwork's training forward is one node from the observation to the Q-values (the
+    head's linear layer included), equal to the per-layer path; acting (no autograd) is unchanged."""
+    import copy
+    torch.manual_seed(1)
+    net = QNetwork(MLPEncoder(4, (16, 16)), QHead(16, 3))
+    quantize_(net, QuantConfig(name="w4a8", weight_bits=4, weight_mode="lsq"), torch.randn(2, 4))
+    net(torch.randn(64, 4))
+    set_quant_enabled(net, True)
+    plain = copy.deepcopy(net)
+    plain.encoder.net.fuse = False
+    _same_training_steps(net, plain, x_grad=False, shape=(64, 4))
+    with torch.no_grad():
+        assert _same_bits(net(torch.ones(3, 4)), plain(torch.ones(3, 4)))
+
+
+def test_fused_chain_falls_back_where_it_cannot_apply():
+    """Hooks on a layer, autograd off, quantization off, and estimators the chain does not cover (PACT inputs)
+    run the layers one by one (the hook sees its layer run)."""
+    net, _ = _mlp_pair(W8)
+    seen = []
+    h = net[2].register_forward_hook(lambda m, a, o: seen.append(o.shape))
+    y = net(torch.randn(8, 5))
+    assert seen == [(8, 16)] and "QuantMLPFn" not in type(y.grad_fn).__name__
+    h.remove()
+    with torch.no_grad():
+        assert net(torch.randn(8, 5)).grad_fn is None
+    set_quant_enabled(net, False)
+    assert "QuantMLPFn" not in type(net(torch.randn(8, 5)).grad_fn).__name__
+    pact, _ = _mlp_pair(QuantConfig(name="w8a8", act_mode="pact"))
+    assert "QuantMLPFn" not in type(pact(torch.randn(8, 5).abs()).grad_fn).__name__
+    # a Sequential with anything else than QuantLinear / ReLU stays an nn.Sequential
+    other = quantize_(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), W8)
+    assert type(other) is nn.Sequential
+
+
+def test_native_relu_grid_backward_equals_the_mask_then_threshold_backward():
+    from rlq.quant import functions as fq
+    native = _native_or_skip()
+    h = _edge_tensor().relu()
+    g = torch.randn_like(h)
+    g[::7] = -g[::7]
+    for lo, hi, mask in ((0.0, 255.0, True), (0.0, 15.0, True), (0.0, 255.0, False)):
+        _, m = fq.grid_fwd(h, 0.05, lo, hi, fq.CLAMP_MASK)
+        want = torch.ops.aten.threshold_backward(g * m if mask else g, h, 0)
+        got = native.relu_grid_bwd(native.lib(), g.clone(), h, 0.05, lo, hi, mask)
+        assert _same_bits(got, want)
+
+
 @pytest.mark.parametrize("act_mode", ["lsq", "pact", "ema"])
 def test_first_layer_on_grid_inputs_get_no_input_gradient(act_mode, monkeypatch):
     """Inputs on the grid (uint8 frames / 255) leave the learned range unused: the fused backward must not

@@ -55,6 +55,14 @@ class MLPEncoder(nn.Module):
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return self.net(obs.flatten(1).float())
 
+    def fused_forward(self, obs: torch.Tensor, tail: nn.Module) -> torch.Tensor | None:
+        """``tail(self(obs))`` as one fused QAT training node when the network is quantized
+        (:class:`rlq.quant.layers.QuantSequential`), else None (nothing has run)."""
+        fused = getattr(self.net, "fused_forward", None)
+        if fused is None or self._forward_hooks or self._forward_pre_hooks:
+            return None
+        return fused(obs.flatten(1).float(), tail)
+
 
 ENCODERS = ("auto", "cnn", "mlp")
 

@@ -9,6 +9,10 @@ from torch import nn
 Linear = Callable[[int, int], nn.Module]  # a layer factory: nn.Linear, or a NoisyLinear partial
 
 
+def _hooked(*modules: nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
 class QHead(nn.Module):
     """A linear layer (``hidden`` > 0: a hidden ReLU layer first) from features to one Q-value per action."""
 
@@ -55,7 +59,13 @@ class QNetwork(nn.Module):
         self.distributional = hasattr(head, "q_values")
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(obs))
+        head = self.head
+        if torch.is_grad_enabled() and type(head) is QHead and not _hooked(head, head.q):
+            # a quantized MLP and its linear Q-layer: one fused QAT training node (None: not quantized)
+            fused = getattr(self.encoder, "fused_forward", None)
+            if fused is not None and (y := fused(obs, head.q)) is not None:
+                return y
+        return head(self.encoder(obs))
 
     def q_values(self, obs: torch.Tensor) -> torch.Tensor:
         out = self(obs)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rlq.quant.layers import QUANT_ENSEMBLE_LAYERS, QUANT_LAYERS, SWAPS, QuantConv2d
+from rlq.quant.layers import QUANT_ENSEMBLE_LAYERS, QUANT_LAYERS, SWAPS, QuantConv2d, QuantSequential
 from rlq.quant.quantizers import ACT_MODES, WEIGHT_MODES, ActQuantizer, WeightQuantizer
 
 CALIBRATION_METHODS = ("minmax", "percentile", "mse")
@@ -203,6 +203,9 @@ def quantize_(module: nn.Module, config: QuantConfig | Any,
                 raise ValueError(f"pixel inputs need 8-bit first-layer activations, got {abits} "
                                  "(set quant.first_bits=8)")
             m.act.set_range(0.0, 1.0, on_grid=True)
+    for m in module.modules():  # chains of QuantLinear + ReLU: one autograd node per training forward
+        if type(m) is nn.Sequential and QuantSequential.can_fuse(m.children()):
+            m.__class__ = QuantSequential
     return module
 
 

@@ -20,7 +20,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define RLQ_FQ_ABI 4
+#define RLQ_FQ_ABI 5
 static const float MAGIC = 12582912.0f; /* 1.5 * 2^23 */
 
 int rlq_fq_abi(void) { return RLQ_FQ_ABI; }
@@ -156,6 +156,24 @@ void rlq_lsq_bwd(float *g, const float *x, int64_t rows, int64_t k, const float 
         float a = fabsf(step[c]);
         float sgn = step[c] > 0.0f ? 1.0f : (step[c] < 0.0f ? -1.0f : 0.0f);
         g_step[c] = a >= eps ? r * grad_scale * sgn : 0.0f;
+    }
+}
+
+/* The gradient at a ReLU's output h that the next layer fake-quantized on a fixed grid (rlq_fq_grid with the
+   same s, lo, hi), in place over g, the gradient of the quantized h: with mask (the clipped STE) g * inside
+   (inside = round(h / s) in [lo, hi], the forward's mask, as a product), then the ReLU's backward
+   (torch's threshold_backward on its output: h <= 0 ? 0 : g). Without mask: the ReLU's backward alone. */
+void rlq_relu_grid_bwd(float *g, const float *h, int64_t n, float s, float lo, float hi, int mask) {
+    const float l1 = lo - 1.0f, h1 = hi + 1.0f;
+    if (mask) {
+        for (int64_t i = 0; i < n; i++) {
+            float q = round_clamped(h[i] / s, l1, h1);
+            float c = clampf_keepnan(q, lo, hi);
+            float gi = g[i] * (c == q ? 1.0f : 0.0f);
+            g[i] = h[i] <= 0.0f ? 0.0f : gi;
+        }
+    } else {
+        for (int64_t i = 0; i < n; i++) g[i] = h[i] <= 0.0f ? 0.0f : g[i];
     }
 }
 

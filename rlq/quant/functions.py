@@ -264,6 +264,84 @@ class QuantLayerFn(torch.autograd.Function):
                 gs if need_s else None, None, None)
 
 
+class QuantMLPFn(torch.autograd.Function):
+    """A chain of fake-quant linear layers, each optionally followed by a ReLU, in one autograd node.
+
+    It computes what :class:`QuantLayerFn` computes layer by layer (observer update, input and weight
+    quantizers, matmul, and their gradients), and ReLU's own forward and backward
+    (``threshold_backward`` on the ReLU's output), in the same order: values and gradients are the
+    same bit for bit. What is saved is the per-node cost (one autograd node and one Python ``apply``
+    per layer and per ReLU, and the engine's work between them), paid once for the chain.
+
+    ``plan``: ``((layer, relu_after), ...)`` of :class:`rlq.quant.QuantLinear` layers
+    (:class:`rlq.quant.layers.QuantSequential` checks that they can take this path); ``grad_enabled``:
+    the caller's autograd mode (observers update on training forwards; a Function's forward itself runs
+    without autograd); ``params``: per layer its weight, bias (or None) and raw LSQ weight steps (or
+    None).
+    """
+
+    @staticmethod
+    def forward(ctx, x, plan, grad_enabled, *params):
+        h, need_in, after_relu = x, ctx.needs_input_grad[0], False
+        tensors, layout = [], []
+        for i, (layer, relu) in enumerate(plan):
+            act, wquant = layer._q
+            w, b, w_param = params[3 * i:3 * i + 3]
+            info = act.train_info(h, grad_enabled)
+            # a ReLU output on an EMA grid (native loops): its clipped-STE mask is recomputed from the saved
+            # ReLU output in the backward, in the same pass as the ReLU's backward ("junction")
+            junction = after_relu and info[0] == "ema" and native.usable(h) is not None
+            if junction:
+                hq = native.fq_grid(native.lib(), h, info[1], info[2], info[3], info[4] != NO_CLIP, False)[0]
+                a_saved = ()
+            else:
+                hq, a_saved = act.train_fwd(h, None, info, need_in)
+            wq, w_saved = wquant.train_fwd(w, w_param, True)
+            wquant.remember(w, wq)
+            h = layer.op_fwd(hq, wq, b)
+            if relu:
+                h = torch.relu_(h)
+            tensors += [hq, wq, *a_saved, *w_saved, *((h,) if relu else ())]
+            layout.append((info, need_in, junction, len(a_saved), len(w_saved)))
+            need_in, after_relu = True, relu
+        ctx.plan, ctx.layout = plan, layout
+        ctx.save_for_backward(*tensors)
+        return h
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved, plan, layout, needs = ctx.saved_tensors, ctx.plan, ctx.layout, ctx.needs_input_grad
+        chunks, k = [], 0  # the saved tensors of each layer
+        for (_, relu), (_, _, _, n_a, n_w) in zip(plan, layout):
+            n = 2 + n_a + n_w + relu
+            chunks.append(saved[k:k + n])
+            k += n
+        grads = [None] * (3 * len(plan))
+        g, relu_done = grad, False
+        for i in range(len(plan) - 1, -1, -1):
+            (layer, relu), (info, need_x, junction, n_a, n_w), chunk = plan[i], layout[i], chunks[i]
+            hq, wq = chunk[0], chunk[1]
+            if relu and not relu_done:
+                g = torch.ops.aten.threshold_backward(g, chunk[-1], 0)
+            act, wquant = layer._q
+            need_w, need_b, need_s = needs[3 + 3 * i:6 + 3 * i]
+            g_hq, g_wq, gb = layer.op_bwd(g, hq, wq, need_x, need_w or need_s, need_b)
+            if g_wq is not None:
+                gw, gs = wquant.train_bwd(g_wq, chunk[2 + n_a:2 + n_a + n_w], wquant.train_param(wq))
+                grads[3 * i] = gw if need_w else None
+                grads[3 * i + 2] = gs if need_s else None
+            grads[3 * i + 1] = gb
+            relu_done = junction
+            if g_hq is None:
+                g = None
+            elif junction:  # this layer's input mask and the previous layer's ReLU backward, one pass
+                g = native.relu_grid_bwd(native.lib(), g_hq, chunks[i - 1][-1], info[1], info[2], info[3],
+                                         info[4] != NO_CLIP)
+            else:
+                g = act.train_bwd(g_hq, chunk[2:2 + n_a], info, None)[0]
+        return (g if needs[0] else None, None, None, *grads)
+
+
 # MSE-optimal clipping of a unit Gaussian for b bits (QuEST's OPTIMAL_GAUSSIAN_SCALES): clip at alpha_b * RMS
 GAUSSIAN_MSE_CLIP = {1: 0.79788, 2: 1.49353, 3: 2.05107, 4: 2.51393, 5: 2.91609, 6: 3.27660, 7: 3.60105,
                      8: 3.88494}

@@ -21,7 +21,7 @@ from torch import nn
 
 from rlq.nets.ensemble import EnsembleConv2d, EnsembleLinear
 from rlq.nets.noisy import NoisyLinear
-from rlq.quant.functions import QuantLayerFn
+from rlq.quant.functions import QuantLayerFn, QuantMLPFn
 from rlq.quant.quantizers import ActQuantizer, WeightQuantizer
 
 
@@ -162,6 +162,93 @@ class QuantEnsembleLinear(_QuantEnsembleMixin, EnsembleLinear):
 
 class QuantEnsembleConv2d(_QuantEnsembleMixin, EnsembleConv2d):
     """``EnsembleConv2d`` with fake-quantized input and weights."""
+
+
+class QuantSequential(nn.Sequential):
+    """An ``nn.Sequential`` of :class:`QuantLinear` layers and ReLUs (e.g. an MLP encoder) whose
+    training forward is one autograd node (:class:`rlq.quant.functions.QuantMLPFn`) instead of one per
+    layer and per ReLU: the same values and gradients, bit for bit, with the per-node costs paid once
+    (on the 256-unit MLPs of RL those costs, not arithmetic, are most of what QAT adds to an update).
+
+    :func:`rlq.quant.quantize_` converts such a Sequential in place (its children and state-dict keys do
+    not change). Every other forward -- no autograd, quantization off, inputs that are not 2-d, autocast,
+    frozen weights, estimators other than EMA activations with max / LSQ weights, forward hooks on a
+    child -- runs the children one by one as ``nn.Sequential`` does. ``fuse = False`` (on the instance or
+    the class) turns the fused path off.
+    """
+
+    fuse = True
+
+    @staticmethod
+    def can_fuse(children) -> bool:
+        """Whether a Sequential's children fit the fused path's pattern: QuantLinear layers, each
+        followed by at most one ReLU, the first child a layer."""
+        prev = None
+        for c in children:
+            if type(c) is QuantLinear:
+                prev = c
+            elif type(c) is nn.ReLU and isinstance(prev, QuantLinear) and not c.inplace:
+                prev = c
+            else:
+                return False
+        return prev is not None
+
+    def _plan(self) -> tuple | None:
+        """``((layer, relu_after), ...)`` for the current children (None: they do not fit the pattern),
+        cached while the children are the same modules."""
+        children = tuple(self._modules.values())
+        cached = self.__dict__.get("_fused_plan")
+        if cached is not None and cached[0] == children:
+            return cached[1]
+        plan = None
+        if self.can_fuse(children):
+            plan = tuple((c, i + 1 < len(children) and type(children[i + 1]) is nn.ReLU)
+                         for i, c in enumerate(children) if type(c) is QuantLinear)
+        self.__dict__["_fused_plan"] = (children, plan)
+        return plan
+
+    def _hooked(self) -> bool:
+        """Whether a forward hook (on this module, a child, or global) must see the children run."""
+        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+            return True
+        return any(m._forward_hooks or m._forward_pre_hooks for m in (self, *self._modules.values()))
+
+    @staticmethod
+    def _fusable_layer(layer: nn.Module) -> bool:
+        """Whether a QuantLinear's training forward can be part of a fused chain now."""
+        act, wq = layer._q
+        return (act.enabled and wq.enabled and wq.bits > 1 and wq.mode in ("max", "lsq")
+                and (act.on_grid or act.effective_mode == "ema") and layer.weight.requires_grad
+                and (wq.step is None or wq.step.requires_grad))
+
+    def fused_forward(self, x: torch.Tensor, tail: nn.Module | None = None) -> torch.Tensor | None:
+        """The fused training forward of the children, then of ``tail`` (a QuantLinear the output feeds,
+        e.g. a Q-head; its own hooks are the caller's to check), or None when this forward cannot take the
+        fused path (then nothing has run)."""
+        if not (self.fuse and torch.is_grad_enabled()) or x.dim() != 2 or torch.is_autocast_enabled(x.device.type):
+            return None
+        if (plan := self._plan()) is None or self._hooked():
+            return None
+        if tail is not None:
+            if type(tail) is not QuantLinear:
+                return None
+            plan = plan + ((tail, False),)
+        params = []
+        for layer, _ in plan:
+            if not self._fusable_layer(layer):
+                return None
+            params += [layer.weight, layer.bias, layer.wq.step]
+        return QuantMLPFn.apply(x, plan, True, *params)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fused_forward(x)
+        if y is not None:
+            return y
+        if self._hooked():
+            return super().forward(x)
+        for m in self._modules.values():  # (nn.Sequential's loop without Module.__call__ per child)
+            x = m.forward(x)
+        return x
 
 
 QUANT_LAYERS = (QuantLinear, QuantConv2d, QuantNoisyLinear, QuantEnsembleLinear, QuantEnsembleConv2d)

@@ -30,7 +30,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("fakequant.c")
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math", "-std=gnu11")
-ABI = 4
+ABI = 5
 PARALLEL_MIN = 1 << 18  # tensors at least this large use torch's ops when torch runs several threads
 
 _lock = threading.Lock()
@@ -88,6 +88,7 @@ def _load() -> ctypes.CDLL | None:
                        ("rlq_fq_lsq", [vp, i64, i64, vp, f, f, f, vp]),
                        ("rlq_lsq_bwd", [vp, vp, i64, i64, vp, f, f, f, f, vp]),
                        ("rlq_mask_mul", [vp, vp, i64]),
+                       ("rlq_relu_grid_bwd", [vp, vp, i64, f, f, f, ci]),
                        ("rlq_quest_scale", [vp, i64, i64, f, f, f, vp]),
                        ("rlq_fq_trust", [vp, i64, i64, vp, vp, f, f, vp, vp])):
         fn = getattr(lib, name)
@@ -181,6 +182,14 @@ def mask_mul(g: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
                           and mask.shape == g.shape):
         return g.mul_(mask)
     lb.rlq_mask_mul(g.data_ptr(), mask.data_ptr(), g.numel())
+    return g
+
+
+def relu_grid_bwd(lb: ctypes.CDLL, g: torch.Tensor, h: torch.Tensor, s: float, lo: float, hi: float, mask: bool
+                  ) -> torch.Tensor:
+    """The gradient at a ReLU output ``h`` from the gradient ``g`` of its fake-quantized copy (fixed grid
+    ``s, lo, hi``; ``mask``: with the clipped STE's mask), written over ``g`` (both contiguous float32)."""
+    lb.rlq_relu_grid_bwd(g.data_ptr(), h.data_ptr(), g.numel(), s, lo, hi, int(mask))
     return g
 
 

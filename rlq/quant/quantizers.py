@@ -367,10 +367,13 @@ class ActQuantizer(_StateMixin, nn.Module):
             elif self.mode == "pact" and lo >= 0:
                 self.alpha.fill_(max(hi, _EPS))
 
-    def observe_if_training(self, x: torch.Tensor) -> tuple[float, float] | None:
+    def observe_if_training(self, x: torch.Tensor, grad_enabled: bool | None = None) -> tuple[float, float] | None:
         """Update the observer on a training forward (online loss forward) or during calibration;
-        returns the batch's (min, max) when it observed."""
-        if not self.frozen and (self.calibrating or (self.training and torch.is_grad_enabled())):
+        returns the batch's (min, max) when it observed. ``grad_enabled``: the autograd mode of the
+        forward (default: the current one; a fused autograd Function's forward runs without it)."""
+        if grad_enabled is None:
+            grad_enabled = torch.is_grad_enabled()
+        if not self.frozen and (self.calibrating or (self.training and grad_enabled)):
             return self.observe(x)
         return None
 
@@ -396,13 +399,14 @@ class ActQuantizer(_StateMixin, nn.Module):
         return fake_quant(x, s, z, 0, self.q_max)
 
     # -- the fused layer's pieces (rlq.quant.functions.QuantLayerFn) ------------------------------------
-    def train_info(self, x: torch.Tensor) -> tuple:
+    def train_info(self, x: torch.Tensor, grad_enabled: bool | None = None) -> tuple:
         """Observe a training batch and return this batch's quantization parameters for :meth:`train_fwd`:
         ``("id",)`` (inputs on the grid), ``("ema", s, lo, hi, clip)``, ``("lsq", lo, hi, grad_scale)``
         or ``("pact",)``. For the EMA grid, ``clip`` is ``NO_CLIP`` when the batch's observed min and max
         (with a margin far above float rounding) cannot round outside the grid: no clamp and no gradient
-        mask are needed then, and the values are the same."""
-        rng = self.observe_if_training(x)
+        mask are needed then, and the values are the same. ``grad_enabled``: as for
+        :meth:`observe_if_training`."""
+        rng = self.observe_if_training(x, grad_enabled)
         if self.on_grid:
             return ("id",)
         if not self.initialized:
