@@ -238,8 +238,12 @@ class Trainer:
                                             epsilon=float(self.cfg.env.eval_epsilon))
         out = {"return_mean": float(returns.mean()), "return_std": float(returns.std()),
                "return_iqm": iqm(returns), "length_mean": float(lengths.mean())}
-        improved = out["return_mean"] > self.best_eval
-        self.best_eval = max(self.best_eval, out["return_mean"])
+        # with QAT configured, the policy to keep is a quantized one: evaluations before quant.start_step
+        # (a float network) are not candidates for the best checkpoint
+        candidate = not (self.agent.quant.enabled and not self.agent.quant_active)
+        improved = candidate and out["return_mean"] > self.best_eval
+        if candidate:
+            self.best_eval = max(self.best_eval, out["return_mean"])
         if improved and self.cfg.checkpoint.get("keep_best", False):  # (SB3 EvalCallback's best model)
             save_best_checkpoint(self.run_dir, {**self.payload(), "best_eval": {"step": self.step, **out}})
         return out

@@ -80,6 +80,30 @@ def test_pickle_payload_is_not_executed(tmp_path):
     assert not marker.exists()
 
 
+def test_keep_best_with_delayed_qat_keeps_a_quantized_policy(tmp_path):
+    """With quant.start_step part-way through, evaluations of the float network before it are not candidates:
+    checkpoints/best.pt is a quantized policy from the first evaluation at or after the start."""
+    from rlq.checkpoint import load_agent
+    from rlq.logging import read_metrics
+    from rlq.quant import is_quantized
+    from rlq.train import _compose, build_config
+    from rlq.trainer import Trainer
+    ov = ["agent=dqn", "quant=w8a8", "quant.start_step=0.5", "total_steps=2000", "agent.learning_starts=200",
+          "eval.every=250", "eval.episodes=2", "eval.num_envs=2", "checkpoint.every=0", "checkpoint.keep_best=true",
+          "log.progress=false", "log.tensorboard=false", "threads=1"]
+    cfg = build_config(_compose(ov), ov)
+    run = tmp_path / "run"
+    tr = Trainer(cfg, run)
+    tr.train()
+    tr.close()
+    evals = [(r["step"], r["return_mean"]) for r in read_metrics(run, "eval")]
+    late = [r for s, r in evals if s >= 1000]
+    assert evals[0][0] < 1000 and late
+    ckpt = load_checkpoint(best_checkpoint_path(run))
+    assert ckpt["best_eval"]["step"] >= 1000 and ckpt["best_eval"]["return_mean"] == max(late) == tr.best_eval
+    assert is_quantized(load_agent(best_checkpoint_path(run)).online)
+
+
 def test_keep_best_saves_the_policy_of_the_best_evaluation(tmp_path):
     """checkpoint.keep_best: checkpoints/best.pt holds the agent of the first evaluation with the highest mean
     return; re-evaluating it on the same episodes gives that return; the newest step checkpoint is unchanged."""
