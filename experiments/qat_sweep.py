@@ -3,7 +3,8 @@ same Double DQN policies, several seeds, IQM with 95% stratified-bootstrap CIs, 
 
     python experiments/qat_sweep.py --env CartPole     [--seeds 0 1 2 3 4] [--workdir DIR] [--analyse-only]
     python experiments/qat_sweep.py --env LunarLander  [--seeds 0 1 2 3 4] [--workdir DIR] [--analyse-only]
-                                                       [--scratch w4a8] [--agent double_dqn|dueling_dqn]
+                                                       [--scratch w4a8] [--delayed w4a8 w2a8 [--delay 0.5]]
+                                                       [--agent double_dqn|dueling_dqn]
 
 Protocol (the same for every env; the recipes are in ``RECIPES``, chosen on dev seeds 100 and 101 only):
 
@@ -27,6 +28,10 @@ Protocol (the same for every env; the recipes are in ``RECIPES``, chosen on dev 
 5. ``--scratch w4a8 [w2a8 ...]`` (optional): QAT from the first update, ``quant.start_step=0``, with the fp32
    recipe and budget (no fine-tuning recipe involved), selected and scored like fp32 (rows "QAT ... from
    scratch"; a seed scored before gets these rows added).
+6. ``--delayed w4a8 [w2a8 ...]`` (optional): the same, with QAT switched on at ``--delay`` (a fraction of the
+   budget, default 0.5; ``quant.start_step``): QuaRL's quantization delay, in one run with the fp32 recipe
+   (lr, epsilon schedule). Only evaluations from the switch on are candidates for the selected checkpoint
+   (the trainer's rule for ``checkpoint.keep_best`` with QAT). Rows "QAT ... delayed (50%)".
 
 Scores: every selected policy plays ``test_episodes`` *test* episodes on other seeds (``50000 + seed``),
 never used for selection or tuning; a run's score is their mean return; IQM over seeds with a 95%
@@ -80,16 +85,25 @@ def _cfg(env: str, overrides: list[str]):
     return build_config(_compose(ov), ov)
 
 
-def train_fp32(env: str, seed: int, work: Path, r: dict, quant: str = "none") -> str:
+def extra_runs(args: argparse.Namespace) -> list[tuple[str, str, str, float]]:
+    """(row name, run-directory prefix, quant preset, quant.start_step) of the ``--scratch`` and ``--delayed``
+    runs."""
+    out = [(f"QAT {q.upper()} from scratch", f"scratch-{q}", q, 0.0) for q in args.scratch]
+    pct = round(100 * args.delay)
+    return out + [(f"QAT {q.upper()} delayed ({pct}%)", f"delay{pct}-{q}", q, args.delay) for q in args.delayed]
+
+
+def train_fp32(env: str, seed: int, work: Path, r: dict, quant: str = "none", start: float = 0.0,
+               name: str = "fp32") -> str:
     """Step 1: fp32 Double DQN with best-evaluation checkpointing; saves calibration observations. With
-    ``quant`` (``--scratch``): the same run with QAT from the first update (``quant.start_step=0``)."""
+    ``quant`` (``--scratch`` / ``--delayed``): the same run with QAT from ``quant.start_step=start``, in the
+    run directory ``<name>-s<seed>``."""
     from rlq.trainer import Trainer
-    name = "fp32" if quant == "none" else f"scratch-{quant}"
     run = work / f"{name}-s{seed}"
     if (run / "done.json").exists():
         return f"{name} seed {seed}: done before"
     shutil.rmtree(run, ignore_errors=True)  # an interrupted run starts over
-    qat = [] if quant == "none" else [f"quant={quant}", "quant.start_step=0"]
+    qat = [] if quant == "none" else [f"quant={quant}", f"quant.start_step={start}"]
     cfg = _cfg(env, [*r["overrides"], *COMMON, *qat, f"seed={seed}", f"total_steps={r['steps']}",
                      f"eval.every={r['eval_every']}", f"eval.episodes={r['eval_episodes']}", "eval.final=true"])
     t0 = time.time()
@@ -171,13 +185,13 @@ def analyse(args: argparse.Namespace, r: dict) -> tuple[dict, float]:
 
 def analyse_seed(args: argparse.Namespace, r: dict, seed: int) -> tuple[dict, float]:
     cache = Path(args.workdir) / f"analysis-s{seed}.json"
-    scratch = [f"QAT {q.upper()} from scratch" for q in args.scratch]
+    extra = [name for name, *_ in extra_runs(args)]
     if cache.exists():
         data = json.loads(cache.read_text())
-        missing = [name for name in scratch if name not in data["rows"]]
+        missing = [name for name in extra if name not in data["rows"]]
         if not missing:
             return data["rows"], data["random_return"]
-        rows, _ = _analyse_seed(args, r, seed, only=missing)  # scratch runs added to a scored seed
+        rows, _ = _analyse_seed(args, r, seed, only=missing)  # extra runs added to a scored seed
         data["rows"].update(rows)
     else:
         rows, random_return = _analyse_seed(args, r, seed)
@@ -213,10 +227,10 @@ def _analyse_seed(args: argparse.Namespace, r: dict, seed: int, only: list[str] 
     rng = np.random.default_rng(seed)
     states = heldout_states(fp32, env_cfg, 10_000, 70_000 + seed)
     ref_actions = fp32.act(states, explore=False)
+    run_of = {name: prefix for name, prefix, *_ in extra_runs(args)}
     if only is not None:
         for name in only:
-            quant = name.split()[1].lower()
-            ckpt = best_checkpoint_path(work / f"scratch-{quant}-s{seed}")
+            ckpt = best_checkpoint_path(work / f"{run_of[name]}-s{seed}")
             agent = load_agent(ckpt)
             rows[name] = {"return": test_return(lambda o: agent.act(o, explore=False), env_cfg, seed),
                           "agreement": float((agent.act(states, explore=False) == ref_actions).mean()),
@@ -254,9 +268,9 @@ def _analyse_seed(args: argparse.Namespace, r: dict, seed: int, only: list[str] 
         record(name, load_agent(ckpt), ckpt)
     ckpt = best_checkpoint_path(work / f"ft-none-s{seed}")
     record("fp32 fine-tune (control)", load_agent(ckpt), ckpt)
-    for quant in args.scratch:
-        ckpt = best_checkpoint_path(work / f"scratch-{quant}-s{seed}")
-        record(f"QAT {quant.upper()} from scratch", load_agent(ckpt), ckpt)
+    for name, prefix, *_ in extra_runs(args):
+        ckpt = best_checkpoint_path(work / f"{prefix}-s{seed}")
+        record(name, load_agent(ckpt), ckpt)
     return rows, random_return
 
 
@@ -271,7 +285,7 @@ def report(rows: dict, random_return: float, args: argparse.Namespace, r: dict, 
     base = ci["fp32"]["IQM"][0]
     wall = {}
     for name, run in [("fp32", "fp32"), *[(k, f"ft-{q}") for k, q in QAT.items()], ("fp32 fine-tune", "ft-none"),
-                      *[(f"QAT {q.upper()} from scratch", f"scratch-{q}") for q in args.scratch]]:
+                      *[(name, prefix) for name, prefix, *_ in extra_runs(args)]]:
         wall[name] = [json.loads((Path(args.workdir) / f"{run}-s{s}" / "done.json").read_text())["wall_s"]
                       for s in args.seeds]
     fp32_ov = " ".join(r["overrides"])
@@ -297,6 +311,9 @@ def report(rows: dict, random_return: float, args: argparse.Namespace, r: dict, 
         f"weights; first and last layers 8-bit; evaluation every {r['ft_eval_every']} steps on the same "
         "selection episodes, best checkpoint kept (the PTQ-initialised start is the first candidate).",
         "- fp32 fine-tune (control): the same fine-tuning without quantization.",
+        *([f"- From scratch / delayed: the fp32 recipe and budget with QAT switched on at the first update / at "
+           f"{args.delay:.0%} of the budget (`quant.start_step`); selected like fp32, among evaluations of the "
+           "quantized network only."] if args.scratch or args.delayed else []),
         f"- Score of a run: mean return of its selected policy over {r['test_episodes']} test episodes "
         "(other seeds than selection; never used for tuning). IQM over seeds, 95% stratified-bootstrap CI "
         "(5000 resamples). Agreement: greedy actions equal to the same seed's fp32 policy on 10k held-out "
@@ -365,9 +382,14 @@ def main() -> None:
     ap.add_argument("--analyse-only", action="store_true")
     ap.add_argument("--scratch", nargs="*", default=[], choices=list(QAT.values()),
                     help="also train (and score) QAT runs from the first update with the fp32 recipe")
+    ap.add_argument("--delayed", nargs="*", default=[], choices=list(QAT.values()),
+                    help="also train (and score) runs of the fp32 recipe with QAT switched on at --delay")
+    ap.add_argument("--delay", type=float, default=0.5, help="fraction of the budget before QAT (--delayed)")
     ap.add_argument("--no-report", action="store_true", help="train only (e.g. dev seeds)")
     ap.add_argument("--results", default=str(RESULTS), help="where the report goes (dev seeds: elsewhere)")
     args = ap.parse_args()
+    if not 0.0 < args.delay < 1.0:
+        ap.error(f"--delay {args.delay}: must be a fraction of the budget in (0, 1)")
     r = dict(RECIPES[args.env])
     r["overrides"] = [f"agent={args.agent}" if o.startswith("agent=") else o for o in r["overrides"]]
     args.workdir = args.workdir or f"runs/qat_sweep_{args.env.lower()}"
@@ -380,8 +402,8 @@ def main() -> None:
             print(train_fp32(args.env, seed, work, r), flush=True)
             for quant in (*QAT.values(), "none"):
                 print(fine_tune(args.env, seed, quant, work, r), flush=True)
-            for quant in args.scratch:
-                print(train_fp32(args.env, seed, work, r, quant), flush=True)
+            for _, prefix, quant, start in extra_runs(args):
+                print(train_fp32(args.env, seed, work, r, quant, start, prefix), flush=True)
             if not args.no_report:  # score the seed now: a partial sweep has finished seeds to report
                 analyse_seed(args, r, seed)
     if args.no_report:
