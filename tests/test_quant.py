@@ -458,20 +458,19 @@ def _same_training_steps(fused, plain, x_grad: bool, shape=(32, 5), steps=(1.0, 
         fused.zero_grad(), plain.zero_grad()
 
 
-@pytest.mark.parametrize("preset", ["w8a8", "w4a8", "w2a8"])
+@pytest.mark.parametrize("act_mode,weight_mode,bits", FUSED_CASES)
 @pytest.mark.parametrize("x_grad", [False, True])
 @pytest.mark.parametrize("native_loops", [True, False])
-def test_fused_mlp_chain_equals_one_node_per_layer(preset, x_grad, native_loops, monkeypatch):
+def test_fused_mlp_chain_equals_one_node_per_layer(act_mode, weight_mode, bits, x_grad, native_loops, monkeypatch):
     """A quantized Linear/ReLU Sequential trains through one autograd node (QuantMLPFn) with the same values,
-    gradients (x, weights, biases, LSQ steps) and observer updates as its layers one by one, on the native
-    loops (with the fused ReLU-and-mask backward) and on torch ops."""
+    gradients (x, weights, biases, learned weight steps and input ranges) and observer updates as its layers one
+    by one, for every estimator, on the native loops (with the fused ReLU-and-mask backward) and on torch ops."""
     from rlq.quant import native
     from rlq.quant.layers import QuantSequential
     if not native_loops:
         monkeypatch.setattr(native, "usable", lambda *t: None)
-    cfg = {"w8a8": W8, "w4a8": QuantConfig(name="w4a8", weight_bits=4, weight_mode="lsq"),
-           "w2a8": QuantConfig(name="w2a8", weight_bits=2, weight_mode="lsq")}[preset]
-    fused, plain = _mlp_pair(cfg, bias=preset != "w2a8", end_relu=preset == "w4a8")
+    cfg = QuantConfig(name="q", weight_bits=bits, weight_mode=weight_mode, act_mode=act_mode)
+    fused, plain = _mlp_pair(cfg, bias=bits != 2, end_relu=bits == 4)
     assert type(fused) is QuantSequential
     _same_training_steps(fused, plain, x_grad)
 
@@ -493,8 +492,8 @@ def test_fused_q_network_covers_the_head_and_equals_the_layers(monkeypatch):
 
 
 def test_fused_chain_falls_back_where_it_cannot_apply():
-    """Hooks on a layer, autograd off, quantization off, and estimators the chain does not cover (PACT inputs)
-    run the layers one by one (the hook sees its layer run)."""
+    """Hooks on a layer, autograd off, quantization off, and a frozen learned range run the layers one by one
+    (the hook sees its layer run)."""
     net, _ = _mlp_pair(W8)
     seen = []
     h = net[2].register_forward_hook(lambda m, a, o: seen.append(o.shape))
@@ -505,8 +504,9 @@ def test_fused_chain_falls_back_where_it_cannot_apply():
         assert net(torch.randn(8, 5)).grad_fn is None
     set_quant_enabled(net, False)
     assert "QuantMLPFn" not in type(net(torch.randn(8, 5)).grad_fn).__name__
-    pact, _ = _mlp_pair(QuantConfig(name="w8a8", act_mode="pact"))
-    assert "QuantMLPFn" not in type(pact(torch.randn(8, 5).abs()).grad_fn).__name__
+    lsq, _ = _mlp_pair(QuantConfig(name="w8a8", act_mode="lsq"))
+    lsq[2].act.step.requires_grad_(False)  # a frozen learned range: the layer's own path handles it
+    assert "QuantMLPFn" not in type(lsq(torch.randn(8, 5)).grad_fn).__name__
     # a Sequential with anything else than QuantLinear / ReLU stays an nn.Sequential
     other = quantize_(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), W8)
     assert type(other) is nn.Sequential

@@ -268,34 +268,37 @@ class QuantMLPFn(torch.autograd.Function):
     """A chain of fake-quant linear layers, each optionally followed by a ReLU, in one autograd node.
 
     It computes what :class:`QuantLayerFn` computes layer by layer (observer update, input and weight
-    quantizers, matmul, and their gradients), and ReLU's own forward and backward
-    (``threshold_backward`` on the ReLU's output), in the same order: values and gradients are the
-    same bit for bit. What is saved is the per-node cost (one autograd node and one Python ``apply``
-    per layer and per ReLU, and the engine's work between them), paid once for the chain.
+    quantizers with any of their estimators, matmul, and their gradients), and ReLU's own forward and
+    backward (``threshold_backward`` on the ReLU's output), in the same order: values and gradients are the
+    same bit for bit. What is saved is the per-node cost (one autograd node and one Python ``apply`` per
+    layer and per ReLU, and the engine's work between them), paid once for the chain. Where a layer's
+    input is a ReLU output on an EMA grid and the native loops run, its clipped-STE mask is not stored:
+    the backward recomputes it from the saved ReLU output in the ReLU's own backward pass
+    (``native.relu_grid_bwd``, the same values as the mask product followed by ``threshold_backward``).
 
     ``plan``: ``((layer, relu_after), ...)`` of :class:`rlq.quant.QuantLinear` layers
     (:class:`rlq.quant.layers.QuantSequential` checks that they can take this path); ``grad_enabled``:
     the caller's autograd mode (observers update on training forwards; a Function's forward itself runs
-    without autograd); ``params``: per layer its weight, bias (or None) and raw LSQ weight steps (or
-    None).
+    without autograd); ``params``: per layer its weight, bias (or None), raw learned weight steps (LSQ, or
+    None) and raw learned input range (LSQ step, PACT alpha, or None).
     """
 
     @staticmethod
     def forward(ctx, x, plan, grad_enabled, *params):
-        h, need_in, after_relu = x, ctx.needs_input_grad[0], False
+        needs = ctx.needs_input_grad
+        h, need_in, after_relu = x, needs[0], False
         tensors, layout = [], []
         for i, (layer, relu) in enumerate(plan):
             act, wquant = layer._q
-            w, b, w_param = params[3 * i:3 * i + 3]
+            w, b, w_param, a_param = params[4 * i:4 * i + 4]
+            need_in = need_in or needs[6 + 4 * i]  # the input's gradient: for x, or for the learned range
             info = act.train_info(h, grad_enabled)
-            # a ReLU output on an EMA grid (native loops): its clipped-STE mask is recomputed from the saved
-            # ReLU output in the backward, in the same pass as the ReLU's backward ("junction")
             junction = after_relu and info[0] == "ema" and native.usable(h) is not None
             if junction:
                 hq = native.fq_grid(native.lib(), h, info[1], info[2], info[3], info[4] != NO_CLIP, False)[0]
                 a_saved = ()
             else:
-                hq, a_saved = act.train_fwd(h, None, info, need_in)
+                hq, a_saved = act.train_fwd(h, a_param, info, need_in)
             wq, w_saved = wquant.train_fwd(w, w_param, True)
             wquant.remember(w, wq)
             h = layer.op_fwd(hq, wq, b)
@@ -305,40 +308,43 @@ class QuantMLPFn(torch.autograd.Function):
             layout.append((info, need_in, junction, len(a_saved), len(w_saved)))
             need_in, after_relu = True, relu
         ctx.plan, ctx.layout = plan, layout
-        ctx.save_for_backward(*tensors)
+        ctx.save_for_backward(*tensors, *params[2::4], *params[3::4])
         return h
 
     @staticmethod
     def backward(ctx, grad):
         saved, plan, layout, needs = ctx.saved_tensors, ctx.plan, ctx.layout, ctx.needs_input_grad
+        n = len(plan)
+        w_params, a_params = saved[len(saved) - 2 * n:len(saved) - n], saved[len(saved) - n:]
         chunks, k = [], 0  # the saved tensors of each layer
         for (_, relu), (_, _, _, n_a, n_w) in zip(plan, layout):
-            n = 2 + n_a + n_w + relu
-            chunks.append(saved[k:k + n])
-            k += n
-        grads = [None] * (3 * len(plan))
+            m = 2 + n_a + n_w + relu
+            chunks.append(saved[k:k + m])
+            k += m
+        grads = [None] * (4 * n)
         g, relu_done = grad, False
-        for i in range(len(plan) - 1, -1, -1):
-            (layer, relu), (info, need_x, junction, n_a, n_w), chunk = plan[i], layout[i], chunks[i]
+        for i in range(n - 1, -1, -1):
+            (layer, relu), (info, need_in, junction, n_a, n_w), chunk = plan[i], layout[i], chunks[i]
             hq, wq = chunk[0], chunk[1]
             if relu and not relu_done:
                 g = torch.ops.aten.threshold_backward(g, chunk[-1], 0)
             act, wquant = layer._q
-            need_w, need_b, need_s = needs[3 + 3 * i:6 + 3 * i]
-            g_hq, g_wq, gb = layer.op_bwd(g, hq, wq, need_x, need_w or need_s, need_b)
+            need_w, need_b, need_s, need_a = needs[3 + 4 * i:7 + 4 * i]
+            g_hq, g_wq, gb = layer.op_bwd(g, hq, wq, need_in, need_w or need_s, need_b)
             if g_wq is not None:
-                gw, gs = wquant.train_bwd(g_wq, chunk[2 + n_a:2 + n_a + n_w], wquant.train_param(wq))
-                grads[3 * i] = gw if need_w else None
-                grads[3 * i + 2] = gs if need_s else None
-            grads[3 * i + 1] = gb
+                gw, gs = wquant.train_bwd(g_wq, chunk[2 + n_a:2 + n_a + n_w], w_params[i])
+                grads[4 * i] = gw if need_w else None
+                grads[4 * i + 2] = gs if need_s else None
+            grads[4 * i + 1] = gb
             relu_done = junction
             if g_hq is None:
                 g = None
-            elif junction:  # this layer's input mask and the previous layer's ReLU backward, one pass
+            elif junction:  # this layer's input mask and the previous layer's ReLU backward, in one pass
                 g = native.relu_grid_bwd(native.lib(), g_hq, chunks[i - 1][-1], info[1], info[2], info[3],
                                          info[4] != NO_CLIP)
             else:
-                g = act.train_bwd(g_hq, chunk[2:2 + n_a], info, None)[0]
+                g, ga = act.train_bwd(g_hq, chunk[2:2 + n_a], info, a_params[i])
+                grads[4 * i + 3] = ga if need_a else None
         return (g if needs[0] else None, None, None, *grads)
 
 

@@ -9,7 +9,9 @@ the bias and the output stay in float (the integer deployment dequantizes the in
 
 Hot paths. The training forward of ``QuantLinear`` (2-d inputs) and ``QuantConv2d`` is one autograd node
 (:class:`rlq.quant.functions.QuantLayerFn`: input and weight quantizers, matmul or convolution, and
-their gradients), with the same values and gradients as the composed path. Forwards without autograd
+their gradients), with the same values and gradients as the composed path; a chain of ``QuantLinear`` and
+ReLU layers (:class:`QuantSequential`, e.g. an MLP encoder, with a Q-network's linear head) is one autograd
+node for the whole chain (:class:`rlq.quant.functions.QuantMLPFn`), again bit for bit. Forwards without autograd
 (target networks, acting) reuse the weight quantizer's cached fake-quant weights while the weights are
 unchanged (see ``WeightQuantizer``), so a target network's weights are quantized once per target update.
 """
@@ -172,8 +174,8 @@ class QuantSequential(nn.Sequential):
 
     :func:`rlq.quant.quantize_` converts such a Sequential in place (its children and state-dict keys do
     not change). Every other forward -- no autograd, quantization off, inputs that are not 2-d, autocast,
-    frozen weights, estimators other than EMA activations with max / LSQ weights, forward hooks on a
-    child -- runs the children one by one as ``nn.Sequential`` does. ``fuse = False`` (on the instance or
+    frozen weights or learned ranges, forward hooks on a child -- runs the children one by one as
+    ``nn.Sequential`` does. ``fuse = False`` (on the instance or
     the class) turns the fused path off.
     """
 
@@ -215,11 +217,12 @@ class QuantSequential(nn.Sequential):
 
     @staticmethod
     def _fusable_layer(layer: nn.Module) -> bool:
-        """Whether a QuantLinear's training forward can be part of a fused chain now."""
+        """Whether a QuantLinear's training forward can be part of a fused chain now (quantization on, its
+        weights and learned ranges trained: frozen ones take the layer's own path)."""
         act, wq = layer._q
-        return (act.enabled and wq.enabled and wq.bits > 1 and wq.mode in ("max", "lsq")
-                and (act.on_grid or act.effective_mode == "ema") and layer.weight.requires_grad
-                and (wq.step is None or wq.step.requires_grad))
+        a_param = act.train_param()
+        return (act.enabled and wq.enabled and layer.weight.requires_grad
+                and (wq.step is None or wq.step.requires_grad) and (a_param is None or a_param.requires_grad))
 
     def fused_forward(self, x: torch.Tensor, tail: nn.Module | None = None) -> torch.Tensor | None:
         """The fused training forward of the children, then of ``tail`` (a QuantLinear the output feeds,
@@ -237,7 +240,7 @@ class QuantSequential(nn.Sequential):
         for layer, _ in plan:
             if not self._fusable_layer(layer):
                 return None
-            params += [layer.weight, layer.bias, layer.wq.step]
+            params += [layer.weight, layer.bias, layer.wq.train_param(layer.weight), layer.act.train_param()]
         return QuantMLPFn.apply(x, plan, True, *params)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
