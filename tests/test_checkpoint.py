@@ -80,23 +80,29 @@ def test_pickle_payload_is_not_executed(tmp_path):
     assert not marker.exists()
 
 
+def _train_keep_best(run, overrides: list[str]):
+    """Train a CartPole DQN run with checkpoint.keep_best=true: (config, trainer, [(step, mean eval return)])."""
+    from rlq.logging import read_metrics
+    from rlq.train import _compose, build_config
+    from rlq.trainer import Trainer
+    ov = ["agent=dqn", *overrides, "checkpoint.every=0", "checkpoint.keep_best=true", "log.progress=false",
+          "log.tensorboard=false", "threads=1"]
+    cfg = build_config(_compose(ov), ov)
+    tr = Trainer(cfg, run)
+    tr.train()
+    tr.close()
+    return cfg, tr, [(r["step"], r["return_mean"]) for r in read_metrics(run, "eval")]
+
+
 def test_keep_best_with_delayed_qat_keeps_a_quantized_policy(tmp_path):
     """With quant.start_step part-way through, evaluations of the float network before it are not candidates:
     checkpoints/best.pt is a quantized policy from the first evaluation at or after the start."""
     from rlq.checkpoint import load_agent
-    from rlq.logging import read_metrics
     from rlq.quant import is_quantized
-    from rlq.train import _compose, build_config
-    from rlq.trainer import Trainer
-    ov = ["agent=dqn", "quant=w8a8", "quant.start_step=0.5", "total_steps=2000", "agent.learning_starts=200",
-          "eval.every=250", "eval.episodes=2", "eval.num_envs=2", "checkpoint.every=0", "checkpoint.keep_best=true",
-          "log.progress=false", "log.tensorboard=false", "threads=1"]
-    cfg = build_config(_compose(ov), ov)
     run = tmp_path / "run"
-    tr = Trainer(cfg, run)
-    tr.train()
-    tr.close()
-    evals = [(r["step"], r["return_mean"]) for r in read_metrics(run, "eval")]
+    _, tr, evals = _train_keep_best(run, ["quant=w8a8", "quant.start_step=0.5", "total_steps=2000",
+                                          "agent.learning_starts=200", "eval.every=250", "eval.episodes=2",
+                                          "eval.num_envs=2"])
     late = [r for s, r in evals if s >= 1000]
     assert evals[0][0] < 1000 and late
     ckpt = load_checkpoint(best_checkpoint_path(run))
@@ -109,18 +115,11 @@ def test_keep_best_saves_the_policy_of_the_best_evaluation(tmp_path):
     return; re-evaluating it on the same episodes gives that return; the newest step checkpoint is unchanged."""
     from rlq.checkpoint import load_agent
     from rlq.evaluation import run_episodes
-    from rlq.logging import read_metrics
-    from rlq.train import _compose, build_config
-    from rlq.trainer import Trainer, make_env_from_cfg
-    ov = ["agent=dqn", "total_steps=4000", "agent.learning_starts=500", "agent.eps_decay_steps=2000", "eval.every=500",
-          "eval.episodes=3", "eval.num_envs=3", "checkpoint.every=0", "checkpoint.keep_best=true", "log.progress=false",
-          "log.tensorboard=false", "threads=1"]
-    cfg = build_config(_compose(ov), ov)
+    from rlq.trainer import make_env_from_cfg
     run = tmp_path / "run"
-    tr = Trainer(cfg, run)
-    tr.train()
-    tr.close()
-    evals = [(r["step"], r["return_mean"]) for r in read_metrics(run, "eval")]
+    cfg, tr, evals = _train_keep_best(run, ["total_steps=4000", "agent.learning_starts=500",
+                                            "agent.eps_decay_steps=2000", "eval.every=500", "eval.episodes=3",
+                                            "eval.num_envs=3"])
     best = max(r for _, r in evals)
     assert len({r for _, r in evals}) > 1 and evals[-1][1] != best  # (the selection matters in this run)
     first = next(s for s, r in evals if r == best)
