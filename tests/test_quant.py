@@ -500,6 +500,11 @@ def test_fused_chain_falls_back_where_it_cannot_apply():
     y = net(torch.randn(8, 5))
     assert seen == [(8, 16)] and "QuantMLPFn" not in type(y.grad_fn).__name__
     h.remove()
+    grads = []
+    h = net[1].register_full_backward_hook(lambda m, gi, go: grads.append(go[0].shape))
+    net(torch.randn(8, 5)).sum().backward()
+    assert grads == [(8, 16)]  # a backward hook on the ReLU ran: the layers ran one by one
+    h.remove()
     with torch.no_grad():
         assert net(torch.randn(8, 5)).grad_fn is None
     set_quant_enabled(net, False)

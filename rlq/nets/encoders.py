@@ -39,6 +39,18 @@ class NatureCNN(nn.Module):
         return self.fc(self.convs(x))
 
 
+def has_hooks(*modules: nn.Module) -> bool:
+    """Whether a hook (forward or backward, on one of ``modules`` or global) needs these modules to run
+    through ``Module.__call__``: fused or shortcut forwards (``rlq.quant``'s fused QAT chain) check this
+    first."""
+    from torch.nn.modules import module as mm
+    if (mm._global_forward_hooks or mm._global_forward_pre_hooks or mm._global_backward_hooks
+            or mm._global_backward_pre_hooks):
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+               for m in modules)
+
+
 class MLPEncoder(nn.Module):
     """A ReLU MLP over flattened vector observations (``hidden`` sizes, e.g. (256, 256))."""
 
@@ -59,7 +71,7 @@ class MLPEncoder(nn.Module):
         """``tail(self(obs))`` as one fused QAT training node when the network is quantized
         (:class:`rlq.quant.layers.QuantSequential`), else None (nothing has run)."""
         fused = getattr(self.net, "fused_forward", None)
-        if fused is None or self._forward_hooks or self._forward_pre_hooks:
+        if fused is None or has_hooks(self):
             return None
         return fused(obs.flatten(1).float(), tail)
 

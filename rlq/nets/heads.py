@@ -6,11 +6,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from rlq.nets.encoders import has_hooks
+
 Linear = Callable[[int, int], nn.Module]  # a layer factory: nn.Linear, or a NoisyLinear partial
-
-
-def _hooked(*modules: nn.Module) -> bool:
-    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 class QHead(nn.Module):
@@ -60,7 +58,7 @@ class QNetwork(nn.Module):
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         head = self.head
-        if torch.is_grad_enabled() and type(head) is QHead and not _hooked(head, head.q):
+        if torch.is_grad_enabled() and type(head) is QHead and not has_hooks(head, head.q):
             # a quantized MLP and its linear Q-layer: one fused QAT training node (None: not quantized)
             fused = getattr(self.encoder, "fused_forward", None)
             if fused is not None and (y := fused(obs, head.q)) is not None:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rlq.nets.encoders import has_hooks
 from rlq.nets.ensemble import EnsembleConv2d, EnsembleLinear
 from rlq.nets.noisy import NoisyLinear
 from rlq.quant.functions import QuantLayerFn, QuantMLPFn
@@ -174,9 +175,8 @@ class QuantSequential(nn.Sequential):
 
     :func:`rlq.quant.quantize_` converts such a Sequential in place (its children and state-dict keys do
     not change). Every other forward -- no autograd, quantization off, inputs that are not 2-d, autocast,
-    frozen weights or learned ranges, forward hooks on a child -- runs the children one by one as
-    ``nn.Sequential`` does. ``fuse = False`` (on the instance or
-    the class) turns the fused path off.
+    frozen weights or learned ranges, hooks on a child -- runs the children one by one as
+    ``nn.Sequential`` does. ``fuse = False`` (on the instance or the class) turns the fused path off.
     """
 
     fuse = True
@@ -210,10 +210,8 @@ class QuantSequential(nn.Sequential):
         return plan
 
     def _hooked(self) -> bool:
-        """Whether a forward hook (on this module, a child, or global) must see the children run."""
-        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
-            return True
-        return any(m._forward_hooks or m._forward_pre_hooks for m in (self, *self._modules.values()))
+        """Whether a hook (on this module, a child, or global) must see the children run."""
+        return has_hooks(self, *self._modules.values())
 
     @staticmethod
     def _fusable_layer(layer: nn.Module) -> bool:
