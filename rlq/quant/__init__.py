@@ -18,10 +18,10 @@ from rlq.quant.api import (CALIBRATION_METHODS, IntegerLayer, QuantConfig, bias_
                            equalize_, integer_layer, is_quantized, layer_roles, quant_layers, quantize_,
                            set_quant_enabled)
 from rlq.quant.functions import fake_quant, lsq_quant, pact_quant, trust_quant
-from rlq.quant.layers import QuantConv2d, QuantLinear, QuantNoisyLinear
+from rlq.quant.layers import QuantConv2d, QuantLinear, QuantNoisyLinear, QuantSequential
 from rlq.quant.quantizers import ActQuantizer, WeightQuantizer
 
 __all__ = ["QuantConfig", "quantize_", "copy_quant_state", "set_quant_enabled", "is_quantized", "calibrate",
            "bias_correct", "equalize_", "quant_layers", "layer_roles", "integer_layer", "IntegerLayer",
            "CALIBRATION_METHODS", "fake_quant", "lsq_quant", "pact_quant", "trust_quant", "QuantLinear", "QuantConv2d",
-           "QuantNoisyLinear", "ActQuantizer", "WeightQuantizer"]
+           "QuantNoisyLinear", "QuantSequential", "ActQuantizer", "WeightQuantizer"]
