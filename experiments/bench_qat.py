@@ -138,10 +138,11 @@ def stages(rounds: int, iters: int) -> list[tuple[str, dict[str, float]]]:
 
 
 def layers(iters: int) -> list[tuple[str, dict[str, float]]]:
-    """One w8a8 MLP layer's training forward (x without gradient, as the online network's first layer sees
-    it) against its pieces: the observer update, the input and weight fake-quant, the matmul on quantized
-    operands, and the fp32 layer (us per call, thread time). Their difference is the Python and autograd
-    overhead of the layer's one autograd node."""
+    """One w8a8 MLP layer's training forward called on its own (x without gradient; the path of a layer
+    outside a Linear/ReLU chain, one autograd node per layer: inside the Q-network the chain of all three is
+    one node, ``rlq.quant.functions.QuantMLPFn``) against its pieces: the observer update, the input and weight
+    fake-quant, the matmul on quantized operands, and the fp32 layer (us per call, thread time). Their
+    difference is the Python and autograd overhead of the layer's own autograd node."""
     import torch.nn.functional as F
     net_ov, space, n_act = NETS["MLP 256-256 (CartPole, batch 64)"]
     agent, batch = make(net_ov + SETTINGS["w8a8"], space, n_act)
@@ -252,7 +253,8 @@ def main() -> None:
     if args.layers:
         lay = layers(4000)
         keys = list(lay[0][1])
-        lines += ["", "One w8a8 MLP layer's training forward and its pieces (us per call, batch 64, thread time):", "",
+        lines += ["", "One w8a8 MLP layer's training forward called on its own (one autograd node per layer, the path "
+                  "outside a Linear/ReLU chain) and its pieces (us per call, batch 64, thread time):", "",
                   "| layer | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
         lines += [f"| {k} | " + " | ".join(f"{v[n]:.1f}" for n in keys) + " |" for k, v in lay]
     text = "\n".join(lines) + "\n"
