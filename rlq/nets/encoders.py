@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module_globals  # (the global hook registries)
 
 
 class NatureCNN(nn.Module):
@@ -43,7 +44,7 @@ def has_hooks(*modules: nn.Module) -> bool:
     """Whether a hook (forward or backward, on one of ``modules`` or global) needs these modules to run
     through ``Module.__call__``: fused or shortcut forwards (``rlq.quant``'s fused QAT chain) check this
     first."""
-    from torch.nn.modules import module as mm
+    mm = _module_globals
     if (mm._global_forward_hooks or mm._global_forward_pre_hooks or mm._global_backward_hooks
             or mm._global_backward_pre_hooks):
         return True
