@@ -50,6 +50,8 @@ from rlq.agents import make_agent
 from rlq.replay.base import Batch
 from rlq.train import _compose, build_config
 
+from _tables import stages_table  # (experiments/ is on sys.path when a script runs)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -304,12 +306,8 @@ def main() -> None:
                   "| layout | us |", "|---|---|"]
         lines += [f"| {k} | {us:.0f} |" for k, us in layouts(args.rounds)]
     if args.stages:
-        rows = stages(args.rounds, args.updates)
-        keys = list(rows[0][1])
-        lines += ["", "Stages of one discrete update (CPU ms, median of rounds; `min` target, batch 64):", "",
-                  "| setting | " + " | ".join(keys) + " | sum |", "|---|" + "---|" * (len(keys) + 1)]
-        lines += [f"| {name} | " + " | ".join(f"{v[k]:.3f}" for k in keys) + f" | {sum(v.values()):.3f} |"
-                  for name, v in rows]
+        lines += stages_table("Stages of one discrete update (CPU ms, median of rounds; `min` target, batch 64):",
+                              stages(args.rounds, args.updates))
     if args.widths:
         rows = widths(args.widths, args.rounds, args.updates)
         keys = list(rows[0][1])

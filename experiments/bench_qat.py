@@ -33,6 +33,8 @@ from rlq.agents import make_agent
 from rlq.replay.base import Batch
 from rlq.train import _compose, build_config
 
+from _tables import stages_table  # (experiments/ is on sys.path when a script runs)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 SETTINGS = {
     "fp32": ["quant=none"],
@@ -244,12 +246,7 @@ def main() -> None:
                   "| network | setting | env steps / s | time ratio to fp32 |", "|---|---|---|---|"]
         lines += [f"| {n} | {k} | {sps:.0f} | {ratio:.2f}x |" for n, k, sps, ratio in loop_rows]
     if args.stages:
-        st = stages(args.rounds, args.iters)
-        keys = list(st[0][1])
-        lines += ["", "Stages of the MLP update (ms, median over rounds):", "",
-                  "| setting | " + " | ".join(keys) + " | sum |", "|---|" + "---|" * (len(keys) + 1)]
-        lines += [f"| {k} | " + " | ".join(f"{v[n]:.3f}" for n in keys) + f" | {sum(v.values()):.3f} |"
-                  for k, v in st]
+        lines += stages_table("Stages of the MLP update (ms, median over rounds):", stages(args.rounds, args.iters))
     if args.layers:
         lay = layers(4000)
         keys = list(lay[0][1])

@@ -277,22 +277,22 @@ class QuantMLPFn(torch.autograd.Function):
     (``native.relu_grid_bwd``, the same values as the mask product followed by ``threshold_backward``).
 
     ``plan``: ``((layer, relu_after), ...)`` of :class:`rlq.quant.QuantLinear` layers
-    (:class:`rlq.quant.layers.QuantSequential` checks that they can take this path); ``grad_enabled``:
-    the caller's autograd mode (observers update on training forwards; a Function's forward itself runs
-    without autograd); ``params``: per layer its weight, bias (or None), raw learned weight steps (LSQ, or
+    (:class:`rlq.quant.layers.QuantSequential` checks that they can take this path, on training forwards
+    only: the observers update as in a training forward, although a Function's forward itself runs without
+    autograd); ``params``: per layer its weight, bias (or None), raw learned weight steps (LSQ, or
     None) and raw learned input range (LSQ step, PACT alpha, or None).
     """
 
     @staticmethod
-    def forward(ctx, x, plan, grad_enabled, *params):
+    def forward(ctx, x, plan, *params):
         needs = ctx.needs_input_grad
         h, need_in, after_relu = x, needs[0], False
         tensors, layout = [], []
         for i, (layer, relu) in enumerate(plan):
             act, wquant = layer._q
             w, b, w_param, a_param = params[4 * i:4 * i + 4]
-            need_in = need_in or needs[6 + 4 * i]  # the input's gradient: for x, or for the learned range
-            info = act.train_info(h, grad_enabled)
+            need_in = need_in or needs[5 + 4 * i]  # the input's gradient: for x, or for the learned range
+            info = act.train_info(h, grad_enabled=True)
             junction = after_relu and info[0] == "ema" and native.usable(h) is not None
             if junction:
                 hq = native.fq_grid(native.lib(), h, info[1], info[2], info[3], info[4] != NO_CLIP, False)[0]
@@ -329,7 +329,7 @@ class QuantMLPFn(torch.autograd.Function):
             if relu and not relu_done:
                 g = torch.ops.aten.threshold_backward(g, chunk[-1], 0)
             act, wquant = layer._q
-            need_w, need_b, need_s, need_a = needs[3 + 4 * i:7 + 4 * i]
+            need_w, need_b, need_s, need_a = needs[2 + 4 * i:6 + 4 * i]
             g_hq, g_wq, gb = layer.op_bwd(g, hq, wq, need_in, need_w or need_s, need_b)
             if g_wq is not None:
                 gw, gs = wquant.train_bwd(g_wq, chunk[2 + n_a:2 + n_a + n_w], w_params[i])
@@ -345,7 +345,7 @@ class QuantMLPFn(torch.autograd.Function):
             else:
                 g, ga = act.train_bwd(g_hq, chunk[2:2 + n_a], info, a_params[i])
                 grads[4 * i + 3] = ga if need_a else None
-        return (g if needs[0] else None, None, None, *grads)
+        return (g if needs[0] else None, None, *grads)
 
 
 # MSE-optimal clipping of a unit Gaussian for b bits (QuEST's OPTIMAL_GAUSSIAN_SCALES): clip at alpha_b * RMS

@@ -239,7 +239,7 @@ class QuantSequential(nn.Sequential):
             if not self._fusable_layer(layer):
                 return None
             params += [layer.weight, layer.bias, layer.wq.train_param(layer.weight), layer.act.train_param()]
-        return QuantMLPFn.apply(x, plan, True, *params)
+        return QuantMLPFn.apply(x, plan, *params)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.fused_forward(x)
