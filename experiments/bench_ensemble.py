@@ -23,11 +23,14 @@ backward), and of the shared-input first layer (4 inputs) composed and as ``Ense
 target network's bf16 weights cast once per target update); ``--widths`` repeats the discrete comparison at
 other hidden widths.
 
+``--profile`` breaks one update down by op group (``torch.profiler`` self CPU time: matmuls, dtype casts, Adam,
+the rest) for one plain DQN network and the best N = 10 setting (REDQ, bf16).
+
 ``--stages`` times the stages of the discrete update (forward, target, loss, backward, clipping, Adam) for N = 1
 and N = 10, to show which part grows with N.
 
     python experiments/bench_ensemble.py [--rounds 7] [--updates 30] [--threads 1] [--layouts] [--stages]
-                                         [--widths 64 128 256]
+                                         [--widths 64 128 256] [--profile]
 
 Writes experiments/results/bench_ensemble.md (machine, versions, command).
 """
@@ -253,6 +256,39 @@ def widths(sizes: list[int], rounds: int, updates: int) -> list[tuple[int, dict[
     return out
 
 
+PROFILE_GROUPS = {  # torch.profiler op names -> the groups of the --profile table
+    "matmuls (bmm, baddbmm, addmm, mm)": ("aten::bmm", "aten::baddbmm", "aten::addmm", "aten::mm"),
+    "dtype casts and copies (copy_, _to_copy)": ("aten::copy_", "aten::_to_copy"),
+    "Adam (fused kernel, step and zero_grad overhead)": ("aten::_fused_adam_", "Optimizer.step#Adam.step",
+                                                         "Optimizer.zero_grad#Adam.zero_grad"),
+}
+
+
+def profile_ops(updates: int) -> list[tuple[str, dict[str, float]]]:
+    """Self CPU time per update by op group (``torch.profiler``; it adds a few us per op, so the small ops'
+    share is overstated) for one plain DQN network and N = 10 REDQ M = 2 in bf16, the best N = 10 setting:
+    which part of the ensemble's update is arithmetic, which is memory-bound, and which is per-op work."""
+    from torch.profiler import ProfilerActivity, profile
+    cart_obs, cart_act = gym.spaces.Box(-1, 1, (4,), np.float32), gym.spaces.Discrete(2)
+    b = _batch(64, 4, cart_act)
+    q = ("agent=qensemble", "agent.hidden=[256,256]", "agent.batch_size=64", "agent.n_members=10",
+         "agent.target_reduction=redq", "agent.redq_m=2", "agent.amp=bf16")
+    agents = {"dqn (one plain network)": _agent(cart_obs, cart_act, "agent=dqn"),
+              "qensemble N=10, REDQ M=2, bf16": _agent(cart_obs, cart_act, *q)}
+    out = []
+    for name, ag in agents.items():
+        for _ in range(10):
+            ag.update(b)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(updates):
+                ag.update(b)
+        self_us = {e.key: e.self_cpu_time_total / updates for e in prof.key_averages()}
+        groups = {g: sum(self_us.get(op, 0.0) for op in ops) for g, ops in PROFILE_GROUPS.items()}
+        total = sum(self_us.values())
+        out.append((name, {**groups, "everything else": total - sum(groups.values()), "total": total}))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=7)
@@ -262,6 +298,8 @@ def main() -> None:
     ap.add_argument("--stages", action="store_true", help="also time the stages of a discrete update (N=1, N=10)")
     ap.add_argument("--widths", type=int, nargs="*", default=[],
                     help="also time the discrete update at these hidden widths (e.g. 64 128 256)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also break one update down by op group (torch.profiler): dqn against N=10 REDQ bf16")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cases = settings()
@@ -316,6 +354,12 @@ def main() -> None:
                   "| w | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
         lines += [f"| {w} | " + " | ".join(f"{v[k]:.3f}" + ("" if k == "dqn" else f" ({v[k] / v['dqn']:.2f}x)")
                                           for k in keys) + " |" for w, v in rows]
+    if args.profile:
+        rows = profile_ops(args.rounds * args.updates)
+        keys = list(rows[0][1])
+        lines += ["", "One discrete update by op group (self CPU us per update under torch.profiler, which adds a few us "
+                  "per op):", "", "| op group | " + " | ".join(n for n, _ in rows) + " |", "|---|" + "---|" * len(rows)]
+        lines += [f"| {k} | " + " | ".join(f"{v[k]:.0f}" for _, v in rows) + " |" for k in keys]
     RESULTS.mkdir(exist_ok=True)
     text = "\n".join(lines) + "\n"
     path = RESULTS / "bench_ensemble.md"
