@@ -2,6 +2,7 @@
 
     python experiments/cartpole_eaudeqn.py [--agents eaudeqn dqn] [--seeds 0 1 2] [--steps 100000]
         [--runs /work/runs_eau/cartpole] [--episodes 30] [agent.key=value ...]
+    python experiments/cartpole_eaudeqn.py --report-only    # rebuild the report from the stored rows
 
 Each agent x seed trains ``--steps`` env steps with the agent's CartPole defaults (``configs/agent/<agent>.yaml``,
 plus any ``agent.key=value`` given; the same ones for every agent that has the key), greedy evaluation (10
@@ -12,12 +13,15 @@ Rows accumulate in experiments/results/cartpole_eaudeqn.json (an agent x seed re
 can be made one at a time; the report (.md) and the plot (.png: sparsity and evaluation return over training)
 are rebuilt from every row each time (a ``## Notes`` section at the end of the .md is kept). Every run also keeps
 ``checkpoints/best.pt`` (the best in-training evaluation), re-evaluated the same way and reported beside the final
-checkpoint.
+checkpoint. Each EauDeQN variant is compared with dense DQN of the same budget on the seeds both ran (paired): the
+ratio of the means, with a 95% percentile-bootstrap interval over those seeds.
 """
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
+import math
 import platform
 import sys
 import time
@@ -106,11 +110,29 @@ def report(rows: list[dict]) -> str:
                      f"{bests[a]:.1f}, {min(bsp):.1%} / {np.mean(bsp):.1%} |")
     for a in (a for a in agents if a.startswith("eaudeqn")):
         dqn = f"dqn {a[a.index('('):]}"  # dense DQN under the same budget
-        if dqn in means:
-            ratio = lambda d: d[a] / max(d[dqn], 1e-9)  # noqa: E731
-            lines += ["", f"{a} / {dqn}: final greedy return {ratio(means):.1%}, last-5 eval {ratio(last5):.1%}, "
-                          f"best checkpoint's greedy return {ratio(bests):.1%}."]
+        mine = {r["seed"]: r for r in rows if variant(r) == a}
+        ref = {r["seed"]: r for r in rows if variant(r) == dqn}
+        seeds = sorted(set(mine) & set(ref))  # paired: the seeds both were run on
+        if not seeds:
+            continue
+        parts = []
+        for key, what in (("greedy_return", "final greedy return"), ("last5_eval", "last-5 eval"),
+                          ("best_return", "best checkpoint's greedy return")):
+            x = np.array([mine[s][key] for s in seeds])
+            y = np.array([ref[s][key] for s in seeds])
+            low, high = ratio_ci(x, y)
+            parts.append(f"{what} {x.mean() / max(y.mean(), 1e-9):.1%} [{low:.1%}, {high:.1%}]")
+        lines += ["", f"{a} / {dqn}, on the {len(seeds)} seeds both ran ({', '.join(map(str, seeds))}): "
+                      + ", ".join(parts) + " (ratio of the means; 95% bootstrap CI over seeds, paired)."]
     return "\n".join(lines) + "\n"
+
+
+def ratio_ci(x: np.ndarray, y: np.ndarray, reps: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of ``mean(x) / mean(y)``, resampling the seeds (pairs ``x[i], y[i]``)."""
+    idx = np.random.default_rng(seed).integers(0, len(x), size=(reps, len(x)))
+    ratios = x[idx].mean(1) / np.maximum(y[idx].mean(1), 1e-9)
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    return float(low), float(high)
 
 
 def plot(rows: list[dict], path: Path) -> bool:
@@ -121,24 +143,38 @@ def plot(rows: list[dict], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     names = sorted({variant(r) for r in rows})
-    colors = {n: ("tab:gray" if n == "dqn" else f"C{i}") for i, n in enumerate(names)}
-    for r in sorted(rows, key=lambda r: (variant(r), r["seed"])):
-        c = colors[variant(r)]
-        s, v = zip(*r["eval_curve"])
-        ax1.plot(s, v, color=c, alpha=0.8, label=f"{variant(r)} s{r['seed']}")
-        if r["agent"] == "eaudeqn":
-            s, v = zip(*r["sparsity_curve"])
-            ax2.plot(s, np.array(v) * 100, color=c, alpha=0.8, label=f"{variant(r)} s{r['seed']}")
-    ax1.set(xlabel="env steps", ylabel="greedy eval return (10 episodes)", title="return")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5 + 0.18 * len(names)))
+    colors = {n: f"C{i % 10}" for i, n in enumerate(names)}
+    for name in names:  # thin: each seed; thick: the mean over seeds (labelled once per variant)
+        rs = [r for r in rows if variant(r) == name]
+        c, label = colors[name], f"{name}, {len(rs)} seed{'s' * (len(rs) > 1)}"
+        for key, ax, scale in (("eval_curve", ax1, 1.0), ("sparsity_curve", ax2, 100.0)):
+            if key == "sparsity_curve" and rs[0]["agent"] != "eaudeqn":
+                continue
+            curves = [dict(r[key]) for r in rs]
+            for cur in curves:
+                ax.plot(list(cur), np.array(list(cur.values())) * scale, color=c, alpha=0.25, lw=0.7)
+            steps = sorted(set.intersection(*(set(cur) for cur in curves)))
+            ax.plot(steps, [np.mean([cur[t] for cur in curves]) * scale for t in steps], color=c, lw=2,
+                    label=label)
+    ax1.set(xlabel="env steps", ylabel="greedy eval return (10 episodes)", title="return (thick: mean over seeds)")
     ax2.set(xlabel="env steps", ylabel="policy sparsity (%)", title="EauDeQN sparsity", ylim=(0, 100))
-    ax1.legend(fontsize=7)
-    ax2.legend(fontsize=7)
+    handles, labels = ax1.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=7, frameon=False)
     fig.suptitle("CartPole-v1: EauDeQN vs dense DQN (python experiments/cartpole_eaudeqn.py)", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.03 * math.ceil(len(names) / 2) + 0.03, 1, 1))
     fig.savefig(path, dpi=110)
     return True
+
+
+def write_reports(rows: list[dict]) -> None:
+    """The .md (keeping a hand-written ``## Notes`` section at its end) and the .png, from every stored row."""
+    md = RESULTS / f"{NAME}.md"
+    old = md.read_text(encoding="utf-8") if md.exists() else ""
+    notes = old[old.index("## Notes"):] if "## Notes" in old else ""
+    md.write_text(report(rows) + ("\n" + notes if notes else ""), encoding="utf-8")
+    plot(rows, RESULTS / f"{NAME}.png")
 
 
 def main() -> None:
@@ -148,22 +184,29 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100_000)
     ap.add_argument("--runs", type=Path, default=Path("/work/runs_eau/cartpole"))
     ap.add_argument("--episodes", type=int, default=30)
+    ap.add_argument("--report-only", action="store_true", help="rebuild the .md and .png from the stored rows")
     args, extra = ap.parse_known_args()
     RESULTS.mkdir(exist_ok=True)
     store = RESULTS / f"{NAME}.json"
-    rows = json.loads(store.read_text()) if store.exists() else []
+    if args.report_only:
+        rows = json.loads(store.read_text())
+        write_reports(rows)
+        print(report(rows))
+        return
     for agent in args.agents:
         for seed in args.seeds:
             r = run_one(agent, seed, args.steps, args.runs, args.episodes, extra)
-            rows = [x for x in rows if (variant(x), x["seed"]) != (variant(r), seed)] + [r]  # a rerun replaces
-            store.write_text(json.dumps(rows, indent=1))
+            # Re-read the store under a lock just before merging: several invocations (one per seed, on
+            # different cores) may finish at about the same time, and each must keep the others' rows.
+            with open(store, "a") as lock:  # the store itself is the lock (created empty if missing)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                text = store.read_text()
+                rows = json.loads(text) if text.strip() else []
+                rows = [x for x in rows if (variant(x), x["seed"]) != (variant(r), seed)] + [r]  # a rerun replaces
+                store.write_text(json.dumps(rows, indent=1))
+                write_reports(rows)
             print(f"{agent} seed {seed}: greedy {r['greedy_return']:.1f}, sparsity {r['sparsity']:.1%}, "
                   f"{r['wall_s']:.0f}s", flush=True)
-            md = RESULTS / f"{NAME}.md"
-            old = md.read_text(encoding="utf-8") if md.exists() else ""
-            notes = old[old.index("## Notes"):] if "## Notes" in old else ""  # hand-written analysis is kept
-            md.write_text(report(rows) + ("\n" + notes if notes else ""), encoding="utf-8")
-            plot(rows, RESULTS / f"{NAME}.png")
     print(report(rows))
 
 
