@@ -56,6 +56,7 @@ from rlq.train import _compose, build_config
 from _tables import stages_table  # (experiments/ is on sys.path when a script runs)
 
 RESULTS = Path(__file__).resolve().parent / "results"
+CART_OBS, CART_ACT = gym.spaces.Box(-1, 1, (4,), np.float32), gym.spaces.Discrete(2)  # CartPole's spaces
 
 
 def _agent(obs_space, act_space, *ov):
@@ -101,20 +102,19 @@ class LoopCritics:
 
 
 def settings():
-    cart_obs, cart_act = gym.spaces.Box(-1, 1, (4,), np.float32), gym.spaces.Discrete(2)
     pend_obs, pend_act = gym.spaces.Box(-1, 1, (3,), np.float32), gym.spaces.Box(-2, 2, (1,), np.float32)
-    db, cb = _batch(64, 4, cart_act), _batch(256, 3, pend_act)
+    db, cb = _batch(64, 4, CART_ACT), _batch(256, 3, pend_act)
     q = ("agent=qensemble", "agent.hidden=[256,256]", "agent.batch_size=64")
     sac = ("agent=sac", "env=Pendulum", "agent.learning_starts=0", "agent.policy_delay=1000000000")
     out = {
-        "discrete: dqn (one plain network)": (_agent(cart_obs, cart_act, "agent=dqn"), db),
-        "discrete: qensemble N=1": (_agent(cart_obs, cart_act, *q, "agent.n_members=1", "agent.target_reduction=min"), db),
-        "discrete: qensemble N=10, min": (_agent(cart_obs, cart_act, *q, "agent.n_members=10", "agent.target_reduction=min"), db),
-        "discrete: qensemble N=10, REDQ M=2": (_agent(cart_obs, cart_act, *q, "agent.n_members=10", "agent.target_reduction=redq",
+        "discrete: dqn (one plain network)": (_agent(CART_OBS, CART_ACT, "agent=dqn"), db),
+        "discrete: qensemble N=1": (_agent(CART_OBS, CART_ACT, *q, "agent.n_members=1", "agent.target_reduction=min"), db),
+        "discrete: qensemble N=10, min": (_agent(CART_OBS, CART_ACT, *q, "agent.n_members=10", "agent.target_reduction=min"), db),
+        "discrete: qensemble N=10, REDQ M=2": (_agent(CART_OBS, CART_ACT, *q, "agent.n_members=10", "agent.target_reduction=redq",
                                                       "agent.redq_m=2"), db),
-        "discrete: qensemble N=10, min, bf16": (_agent(cart_obs, cart_act, *q, "agent.n_members=10",
+        "discrete: qensemble N=10, min, bf16": (_agent(CART_OBS, CART_ACT, *q, "agent.n_members=10",
                                                        "agent.target_reduction=min", "agent.amp=bf16"), db),
-        "discrete: qensemble N=10, REDQ M=2, bf16": (_agent(cart_obs, cart_act, *q, "agent.n_members=10",
+        "discrete: qensemble N=10, REDQ M=2, bf16": (_agent(CART_OBS, CART_ACT, *q, "agent.n_members=10",
                                                             "agent.target_reduction=redq", "agent.redq_m=2",
                                                             "agent.amp=bf16"), db),
         "SAC critic: n_critics=1": (_agent(pend_obs, pend_act, *sac, "agent.n_critics=1"), cb),
@@ -192,10 +192,9 @@ def stages(rounds: int, updates: int) -> list[tuple[str, dict[str, float]]]:
     """Where a discrete update's CPU time goes: the stages of ``QEnsembleAgent.update`` timed one by one (online
     forward, target, loss, backward, per-member clipping, fused Adam) for N = 1 and N = 10 (``min`` target)."""
     from rlq.nets.ensemble import per_member_clip_grad_norm_
-    cart_obs, cart_act = gym.spaces.Box(-1, 1, (4,), np.float32), gym.spaces.Discrete(2)
-    b = _batch(64, 4, cart_act)
+    b = _batch(64, 4, CART_ACT)
     q = ("agent=qensemble", "agent.hidden=[256,256]", "agent.batch_size=64", "agent.target_reduction=min")
-    agents = {n: _agent(cart_obs, cart_act, *q, f"agent.n_members={n}") for n in (1, 10)}
+    agents = {n: _agent(CART_OBS, CART_ACT, *q, f"agent.n_members={n}") for n in (1, 10)}
     names = ("online forward", "target", "loss", "backward", "clip", "Adam")
     res = {n: {k: [] for k in names} for n in agents}
     action = b.action.long()
@@ -231,8 +230,7 @@ def widths(sizes: list[int], rounds: int, updates: int) -> list[tuple[int, dict[
     """The discrete update at other hidden widths (two layers of ``w`` units, batch 64): one plain DQN network
     against N = 10 (``min`` and REDQ M = 2 targets, fp32 and bf16). The ratio depends on how much of the single
     network's update is arithmetic (which N multiplies) and how much is per-op overhead (which it shares)."""
-    cart_obs, cart_act = gym.spaces.Box(-1, 1, (4,), np.float32), gym.spaces.Discrete(2)
-    b = _batch(64, 4, cart_act)
+    b = _batch(64, 4, CART_ACT)
     kinds = {"dqn": ("agent=dqn",), "N=10 min": ("agent=qensemble", "agent.target_reduction=min"),
              "N=10 REDQ": ("agent=qensemble", "agent.target_reduction=redq", "agent.redq_m=2"),
              "N=10 min bf16": ("agent=qensemble", "agent.target_reduction=min", "agent.amp=bf16"),
@@ -240,7 +238,7 @@ def widths(sizes: list[int], rounds: int, updates: int) -> list[tuple[int, dict[
                                 "agent.amp=bf16")}
     out = []
     for w in sizes:
-        ags = {k: _agent(cart_obs, cart_act, *ov, f"agent.hidden=[{w},{w}]", "agent.batch_size=64",
+        ags = {k: _agent(CART_OBS, CART_ACT, *ov, f"agent.hidden=[{w},{w}]", "agent.batch_size=64",
                          *(("agent.n_members=10",) if k != "dqn" else ())) for k, ov in kinds.items()}
         for ag in ags.values():
             for _ in range(5):
@@ -269,12 +267,11 @@ def profile_ops(updates: int) -> list[tuple[str, dict[str, float]]]:
     share is overstated) for one plain DQN network and N = 10 REDQ M = 2 in bf16, the best N = 10 setting:
     which part of the ensemble's update is arithmetic, which is memory-bound, and which is per-op work."""
     from torch.profiler import ProfilerActivity, profile
-    cart_obs, cart_act = gym.spaces.Box(-1, 1, (4,), np.float32), gym.spaces.Discrete(2)
-    b = _batch(64, 4, cart_act)
+    b = _batch(64, 4, CART_ACT)
     q = ("agent=qensemble", "agent.hidden=[256,256]", "agent.batch_size=64", "agent.n_members=10",
          "agent.target_reduction=redq", "agent.redq_m=2", "agent.amp=bf16")
-    agents = {"dqn (one plain network)": _agent(cart_obs, cart_act, "agent=dqn"),
-              "qensemble N=10, REDQ M=2, bf16": _agent(cart_obs, cart_act, *q)}
+    agents = {"dqn (one plain network)": _agent(CART_OBS, CART_ACT, "agent=dqn"),
+              "qensemble N=10, REDQ M=2, bf16": _agent(CART_OBS, CART_ACT, *q)}
     out = []
     for name, ag in agents.items():
         for _ in range(10):

@@ -44,9 +44,9 @@ def has_hooks(*modules: nn.Module) -> bool:
     """Whether a hook (forward or backward, on one of ``modules`` or global) needs these modules to run
     through ``Module.__call__``: fused or shortcut forwards (``rlq.quant``'s fused QAT chain) check this
     first."""
-    mm = _module_globals
-    if (mm._global_forward_hooks or mm._global_forward_pre_hooks or mm._global_backward_hooks
-            or mm._global_backward_pre_hooks):
+    g = _module_globals
+    if (g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks
+            or g._global_backward_pre_hooks):
         return True
     return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
                for m in modules)
