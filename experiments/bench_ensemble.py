@@ -19,9 +19,12 @@ layouts of one 10-member 256x256 layer (forward + backward, gradients set to Non
 baddbmm on (n, out, in), bmm on (n, in, out), einsum, a Python loop of mm, and ``EnsembleLinear`` (its own
 backward), and of the shared-input first layer (4 inputs) composed and as ``EnsembleLinear``.
 
-``agent.amp=bf16`` rows run the ensemble's products in bf16 (``EnsembleLinear``'s own backward in bf16, the
-target network's bf16 weights cast once per target update); ``--widths`` repeats the discrete comparison at
-other hidden widths.
+``agent.amp=bf16`` rows run the ensemble's products in bf16 through torch ops (``agent.native_step=false``:
+``EnsembleLinear``'s own backward in bf16, the target network's bf16 weights cast once per target update);
+``bf16, native step`` rows run the same products in the fused native step (``agent.native_step=true``,
+``rlq/nets/native_ensemble.py``: forwards, loss, backward and per-member clip in one call, then torch's fused
+Adam), listed where the CPU has AVX512-BF16. ``--widths`` repeats the discrete comparison at other hidden
+widths.
 
 ``--profile`` breaks one update down by op group (``torch.profiler`` self CPU time: matmuls, dtype casts, Adam,
 the rest) for one plain DQN network and the best N = 10 setting (REDQ, bf16).
@@ -57,6 +60,14 @@ from _tables import stages_table  # (experiments/ is on sys.path when a script r
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CART_OBS, CART_ACT = gym.spaces.Box(-1, 1, (4,), np.float32), gym.spaces.Discrete(2)  # CartPole's spaces
+TORCH_BF16 = ("agent.amp=bf16", "agent.native_step=false")  # bf16 products through torch ops
+NATIVE_BF16 = ("agent.amp=bf16", "agent.native_step=true")  # the same products in the fused native step
+
+
+def native_available() -> bool:
+    """The native step's rows need its AVX512-BF16 path (its portable C path is for tests, not speed)."""
+    from rlq.nets.native_ensemble import available_isas
+    return "avx512bf16" in available_isas()
 
 
 def _agent(obs_space, act_space, *ov):
@@ -113,10 +124,15 @@ def settings():
         "discrete: qensemble N=10, REDQ M=2": (_agent(CART_OBS, CART_ACT, *q, "agent.n_members=10", "agent.target_reduction=redq",
                                                       "agent.redq_m=2"), db),
         "discrete: qensemble N=10, min, bf16": (_agent(CART_OBS, CART_ACT, *q, "agent.n_members=10",
-                                                       "agent.target_reduction=min", "agent.amp=bf16"), db),
+                                                       "agent.target_reduction=min", *TORCH_BF16), db),
         "discrete: qensemble N=10, REDQ M=2, bf16": (_agent(CART_OBS, CART_ACT, *q, "agent.n_members=10",
                                                             "agent.target_reduction=redq", "agent.redq_m=2",
-                                                            "agent.amp=bf16"), db),
+                                                            *TORCH_BF16), db),
+        **({"discrete: qensemble N=10, min, bf16, native step": (_agent(CART_OBS, CART_ACT, *q, "agent.n_members=10",
+                                                                         "agent.target_reduction=min", *NATIVE_BF16), db),
+            "discrete: qensemble N=10, REDQ M=2, bf16, native step": (
+                _agent(CART_OBS, CART_ACT, *q, "agent.n_members=10", "agent.target_reduction=redq", "agent.redq_m=2",
+                       *NATIVE_BF16), db)} if native_available() else {}),
         "SAC critic: n_critics=1": (_agent(pend_obs, pend_act, *sac, "agent.n_critics=1"), cb),
         "SAC critic: n_critics=2 (SAC)": (_agent(pend_obs, pend_act, *sac, "agent.n_critics=2"), cb),
         "SAC critic: n_critics=10 (SAC-N)": (_agent(pend_obs, pend_act, *sac, "agent.n_critics=10"), cb),
@@ -233,9 +249,12 @@ def widths(sizes: list[int], rounds: int, updates: int) -> list[tuple[int, dict[
     b = _batch(64, 4, CART_ACT)
     kinds = {"dqn": ("agent=dqn",), "N=10 min": ("agent=qensemble", "agent.target_reduction=min"),
              "N=10 REDQ": ("agent=qensemble", "agent.target_reduction=redq", "agent.redq_m=2"),
-             "N=10 min bf16": ("agent=qensemble", "agent.target_reduction=min", "agent.amp=bf16"),
-             "N=10 REDQ bf16": ("agent=qensemble", "agent.target_reduction=redq", "agent.redq_m=2",
-                                "agent.amp=bf16")}
+             "N=10 min bf16": ("agent=qensemble", "agent.target_reduction=min", *TORCH_BF16),
+             "N=10 REDQ bf16": ("agent=qensemble", "agent.target_reduction=redq", "agent.redq_m=2", *TORCH_BF16)}
+    if native_available():
+        kinds |= {"N=10 min native": ("agent=qensemble", "agent.target_reduction=min", *NATIVE_BF16),
+                  "N=10 REDQ native": ("agent=qensemble", "agent.target_reduction=redq", "agent.redq_m=2",
+                                       *NATIVE_BF16)}
     out = []
     for w in sizes:
         ags = {k: _agent(CART_OBS, CART_ACT, *ov, f"agent.hidden=[{w},{w}]", "agent.batch_size=64",
@@ -269,7 +288,7 @@ def profile_ops(updates: int) -> list[tuple[str, dict[str, float]]]:
     from torch.profiler import ProfilerActivity, profile
     b = _batch(64, 4, CART_ACT)
     q = ("agent=qensemble", "agent.hidden=[256,256]", "agent.batch_size=64", "agent.n_members=10",
-         "agent.target_reduction=redq", "agent.redq_m=2", "agent.amp=bf16")
+         "agent.target_reduction=redq", "agent.redq_m=2", *TORCH_BF16)
     agents = {"dqn (one plain network)": _agent(CART_OBS, CART_ACT, "agent=dqn"),
               "qensemble N=10, REDQ M=2, bf16": _agent(CART_OBS, CART_ACT, *q)}
     out = []

@@ -26,6 +26,11 @@ Deviations and choices
     - ``agent.amp=bf16``: the update's member products (forward and backward) run in bf16 (AVX512-BF16 on
       this CPU runs them ~2x faster than fp32); parameters, gradients, Adam, targets and losses stay fp32,
       acting stays fp32. Opt-in, as for the DQN agents.
+    - ``agent.native_step`` (with ``amp=bf16``, MLP members, CPU): the update's forwards, loss, backward and
+      per-member clip run as one native call per update (:mod:`rlq.nets.native_ensemble`), with the same bf16
+      products; Adam stays torch's. ``auto`` (default) uses it when the CPU has AVX512-BF16 and torch runs on
+      one thread (the default for vector observations; the native step is single-threaded); ``true`` forces
+      it (on a CPU without AVX512-BF16 its portable C path, slower than torch); ``false`` keeps the torch ops.
     - No dueling / noisy / distributional heads (the DQN switches); ``double`` is supported.
     - Atari (the ``atari:`` block) uses the DQN agent's Atari settings; an ensemble of N Nature CNNs costs
       about N times one DQN update.
@@ -50,6 +55,7 @@ from rlq.nets.ensemble import EnsembleQNetwork, make_ensemble_encoder, per_membe
 from rlq.replay.base import Batch
 
 REDUCTIONS = ("min", "mean", "redq")
+NATIVE_STEP = ("auto", "true", "false")
 
 
 def reduce_members(q: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -87,6 +93,29 @@ class QEnsembleAgent(DQNAgent):
             if cfg.get(switch, False):
                 raise ValueError(f"agent.{switch}=true is not supported by qensemble: use agent=dqn / rainbow for it")
         super().__init__(cfg, observation_space, action_space, device, seed, quant)
+        self._native, self._native_forced = self._make_native_step(cfg.get("native_step", "auto"))
+
+    def _make_native_step(self, mode: Any) -> tuple[Any, bool]:
+        """``(NativeEnsembleStep or None, forced)`` for ``agent.native_step`` (module docstring)."""
+        from rlq.nets import native_ensemble as ne
+        mode = {True: "true", False: "false"}.get(mode, str(mode).lower())
+        if mode not in NATIVE_STEP:
+            raise ValueError(f"agent.native_step={mode!r} is not a choice: use one of {', '.join(NATIVE_STEP)}")
+        if mode == "false":
+            return None, False
+        layers = ne.ensemble_linears(self.online)
+        why = ("it needs agent.amp=bf16" if self.amp != "bf16" else
+               f"it runs on the CPU, not {self.device.type}" if self.device.type != "cpu" else
+               "it needs MLP members (encoder=mlp, no fake-quant layers)" if layers is None else
+               f"the native library is unavailable: {ne.status()}" if ne.lib() is None else "")
+        if mode == "auto":
+            return (ne.NativeEnsembleStep(layers) if not why and "avx512bf16" in ne.available_isas() else None), False
+        if why:
+            raise ValueError(f"agent.native_step=true cannot be used: {why}")
+        return ne.NativeEnsembleStep(layers), True
+
+    def _native_active(self) -> bool:
+        return self._native is not None and (self._native_forced or torch.get_num_threads() == 1)
 
     def build_network(self) -> nn.Module:
         cfg = self.cfg
@@ -103,8 +132,19 @@ class QEnsembleAgent(DQNAgent):
         return torch.as_tensor(idx, device=self.device)
 
     def _members_forward(self, net: nn.Module, obs: torch.Tensor, members: torch.Tensor | None = None) -> torch.Tensor:
-        """``net(obs, members)`` -> (k, B, A) in fp32; its products in bf16 when ``agent.amp=bf16``."""
+        """``net(obs, members)`` -> (k, B, A) in fp32; its products in bf16 when ``agent.amp=bf16`` (a forward
+        without gradients through the native step when it is active)."""
+        if not torch.is_grad_enabled() and self._native_active():
+            return self._native.forward(self.native_layers(net), obs, members)
         return amp_forward(self.amp, self.device, net, obs, members)
+
+    def native_layers(self, net: nn.Module) -> list[nn.Module]:
+        """The EnsembleLinear chain of the online or target network (cached)."""
+        from rlq.nets.native_ensemble import ensemble_linears
+        cache = self.__dict__.setdefault("_native_layers", {})
+        if id(net) not in cache:
+            cache[id(net)] = (net, ensemble_linears(net))
+        return cache[id(net)][1]
 
     def td_target(self, batch: Batch) -> torch.Tensor:
         """``r + discount * max_a reduce_j Q̄_j(s', a)`` (Double: at the online mean's argmax), shape (B,)."""
@@ -119,6 +159,8 @@ class QEnsembleAgent(DQNAgent):
             return batch.reward + batch.discount * v_next
 
     def update(self, batch: Batch) -> UpdateOut:
+        if self._native_active():
+            return self._native_update(batch)
         action = batch.action.long()
         q_all = self._members_forward(self.online, batch.obs)  # (n, B, A)
         n, b = q_all.shape[0], q_all.shape[1]
@@ -127,12 +169,28 @@ class QEnsembleAgent(DQNAgent):
         per = F.smooth_l1_loss(q, target.expand(n, b), reduction="none")
         loss = (batch.weights * per).mean(1).sum()
         priority = (target - q.detach()).abs().mean(0)
-        value = self._ensemble_step(loss)
+        return self._finish_update(self._ensemble_step(loss), q.detach(), priority)
+
+    def _native_update(self, batch: Batch) -> UpdateOut:
+        """The update of :meth:`update` with forward, loss, backward and clip in one native call."""
+        target = self.td_target(batch)
+        q, losses, norms = self._native.step(self.native_layers(self.online), batch.obs, batch.action, target,
+                                             batch.weights, self.max_grad_norm)
+        value = float(losses.sum())
+        if math.isfinite(value) and not torch.isfinite(norms).all():
+            value = math.nan
+        if math.isfinite(value):
+            self.optimizer.step()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+        return self._finish_update(value, q, (target - q).abs().mean(0))
+
+    def _finish_update(self, value: float, q_d: torch.Tensor, priority: torch.Tensor) -> UpdateOut:
         if not math.isfinite(value):  # nothing was applied: the trainer stops or skips this batch
             return UpdateOut(metrics={"loss": value})
         self.updates += 1
         self._update_target()
-        q_d = q.detach()
+        n = q_d.shape[0]
         return UpdateOut(metrics={"loss": value, "q_mean": q_d.mean().item(),
                                   "q_member_std": q_d.std(0).mean().item() if n > 1 else 0.0,
                                   "priority": priority.mean().item()},

@@ -49,34 +49,41 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def _load() -> ctypes.CDLL | None:
-    global _lib, _status
+def build_native(source: Path, prefix: str, env_var: str, abi: int) -> tuple[ctypes.CDLL | None, str]:
+    """Compile ``source`` with :data:`FLAGS` (once per source, compiler, flags, ``abi`` and CPU feature flags) into
+    the kernel cache as ``<prefix>_<hash>.so`` and load it. Returns ``(library, "")``, or ``(None, why)`` when
+    ``$<env_var>=0``, the CPU is not x86-64, there is no (working) compiler, the source is missing or the cache
+    is unwritable: the callers then use torch ops. Shared by the fake-quant loops and the fused ensemble step."""
     from rlq.deploy.cpu import KernelBuildError, _compile, cache_dir, compiler
-    if os.environ.get("RLQ_QUANT_NATIVE", "1") == "0":
-        _status = "disabled (RLQ_QUANT_NATIVE=0): torch ops"
-        return None
+    if os.environ.get(env_var, "1") == "0":
+        return None, f"disabled ({env_var}=0)"
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        _status = f"not built ({platform.machine()} is not x86-64): torch ops"
-        return None
+        return None, f"not built ({platform.machine()} is not x86-64)"
     cc = compiler()
     if cc is None:
-        _status = "not built (no C compiler): torch ops"
-        return None
+        return None, "not built (no C compiler)"
     try:
-        code = SOURCE.read_bytes()
+        code = source.read_bytes()
     except OSError as e:  # (an installation without the C source)
-        _status = f"not built (cannot read {SOURCE.name}: {e.strerror}): torch ops"
-        return None
-    key = hashlib.sha256(b"\0".join([code, cc.encode(), " ".join(FLAGS).encode(), str(ABI).encode(),
+        return None, f"not built (cannot read {source.name}: {e.strerror})"
+    key = hashlib.sha256(b"\0".join([code, cc.encode(), " ".join(FLAGS).encode(), str(abi).encode(),
                                      _cpu_flags().encode()])).hexdigest()[:24]
-    target = cache_dir() / f"rlq_fakequant_{key}.so"
+    target = cache_dir() / f"{prefix}_{key}.so"
     try:
         if not target.is_file():
-            _compile(cc, list(FLAGS), SOURCE, target)
-        lib = ctypes.CDLL(str(target))
+            _compile(cc, list(FLAGS), source, target)
+        return ctypes.CDLL(str(target)), ""
     except (KernelBuildError, OSError) as e:
-        _status = f"not built ({e}): torch ops"
+        return None, f"not built ({e})"
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _status
+    lib, why = build_native(SOURCE, "rlq_fakequant", "RLQ_QUANT_NATIVE", ABI)
+    if lib is None:
+        _status = f"{why}: torch ops"
         return None
+    target = Path(lib._name)
     vp, i64, f, ci = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     lib.rlq_fq_abi.restype, lib.rlq_fq_abi.argtypes = ci, []
     if lib.rlq_fq_abi() != ABI:
