@@ -128,7 +128,9 @@ def settings():
         "discrete: qensemble N=10, REDQ M=2, bf16": (_agent(CART_OBS, CART_ACT, *q, "agent.n_members=10",
                                                             "agent.target_reduction=redq", "agent.redq_m=2",
                                                             *TORCH_BF16), db),
-        **({"discrete: qensemble N=10, min, bf16, native step": (_agent(CART_OBS, CART_ACT, *q, "agent.n_members=10",
+        **({"discrete: qensemble N=1, bf16, native step": (_agent(CART_OBS, CART_ACT, *q, "agent.n_members=1",
+                                                                   "agent.target_reduction=min", *NATIVE_BF16), db),
+            "discrete: qensemble N=10, min, bf16, native step": (_agent(CART_OBS, CART_ACT, *q, "agent.n_members=10",
                                                                          "agent.target_reduction=min", *NATIVE_BF16), db),
             "discrete: qensemble N=10, REDQ M=2, bf16, native step": (
                 _agent(CART_OBS, CART_ACT, *q, "agent.n_members=10", "agent.target_reduction=redq", "agent.redq_m=2",

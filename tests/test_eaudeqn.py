@@ -261,7 +261,33 @@ def test_sparsity_rises_and_metrics_are_logged():
     assert m["sparsity"] > 0.0 and m["sparser_selections"] >= 1
     assert {"sparsity/encoder.net.0", "sparsity/encoder.net.2", "sparsity/head.q", "selected"} <= set(m)
     assert all(f"acc_loss/{i}" in m and f"net_sparsity/{i}" in m for i in range(5))
-    assert agent.policy_net() is agent.nets[0] is agent.online
+    assert agent.policy_net() is agent.target and agent.nets[0] is agent.online
+
+
+def test_greedy_acting_and_the_policy_are_the_selected_network():
+    """Exploration acts with slot 0; greedy acting, export and the reported sparsity use the target (the network
+    the last selection chose), which slot 0 left when its window started; both carry the same masks."""
+    agent = make_agent(agent_cfg(target_update_period=4, max_speed=0.2), OBS, ACT)
+    for s in range(10):  # 2 selections, then 2 updates into the next window
+        agent.update(batch(seed=s))
+    obs = np.random.default_rng(0).normal(size=(64, 3)).astype(np.float32)
+    with torch.no_grad():
+        q_target = agent.target(torch.as_tensor(obs))
+        q_slot0 = agent.online(torch.as_tensor(obs))
+    assert not torch.equal(q_target, q_slot0)  # slot 0 has moved on since the selection
+    np.testing.assert_array_equal(agent.act(obs, explore=False), q_target.argmax(1).numpy())
+    assert sparsity_report(agent.target)["overall"] == pytest.approx(sparsity_report(agent.online)["overall"])
+    assert sparsity_report(agent.target)["overall"] > 0.0
+    agent.use_acting_copies()  # overlap=true: greedy acting reads a frozen copy of the target
+    assert set(agent._acting_copies) == {"online", "target"}
+    before = {k: v.clone() for k, v in agent.target.state_dict().items()}
+    for s in (11, 12):  # update 12 is a selection: the target changes, its acting copy waits for the sync
+        agent.update(batch(seed=s))
+    copy_state, now = agent._acting_copies["target"].state_dict(), agent.target.state_dict()
+    assert all(torch.equal(copy_state[k], before[k]) for k in before)
+    assert not all(torch.equal(now[k], before[k]) for k in before)
+    agent.sync_acting_copies()
+    assert all(torch.equal(agent._acting_copies["target"].state_dict()[k], now[k]) for k in now)
 
 
 def test_nature_cnn_atari_shapes():

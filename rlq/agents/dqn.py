@@ -145,10 +145,10 @@ class DQNAgent(Agent):
     def schedule_metrics(self) -> dict[str, float]:
         return {"epsilon": self.epsilon}
 
-    def greedy(self, obs: np.ndarray, noise: bool = False) -> np.ndarray:
-        """argmax_a Q(obs, a); with noisy nets, ``noise=True`` acts with freshly sampled noise and
-        ``noise=False`` with the mean weights (evaluation)."""
-        net = self.acting_net("online")
+    def greedy(self, obs: np.ndarray, noise: bool = False, net_name: str = "online") -> np.ndarray:
+        """argmax_a Q(obs, a) of the ``net_name`` network (an :attr:`acting_nets` name); with noisy nets,
+        ``noise=True`` acts with freshly sampled noise and ``noise=False`` with the mean weights (evaluation)."""
+        net = self.acting_net(net_name)
         if noise:
             reset_noise(net)
         # mean weights unless acting with noise; nets without noisy layers skip the module walk
