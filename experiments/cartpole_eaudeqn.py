@@ -3,6 +3,7 @@
     python experiments/cartpole_eaudeqn.py [--agents eaudeqn dqn] [--seeds 0 1 2] [--steps 100000]
         [--runs /work/runs_eau/cartpole] [--episodes 30] [agent.key=value ...]
     python experiments/cartpole_eaudeqn.py --report-only    # rebuild the report from the stored rows
+    python experiments/cartpole_eaudeqn.py --reevaluate --agents eaudeqn  # re-evaluate stored runs' checkpoints
 
 Each agent x seed trains ``--steps`` env steps with the agent's CartPole defaults (``configs/agent/<agent>.yaml``,
 plus any ``agent.key=value`` given; the same ones for every agent that has the key), greedy evaluation (10
@@ -51,22 +52,41 @@ def run_one(agent: str, seed: int, steps: int, runs: Path, episodes: int, extra:
         (run_dir / "metrics.jsonl").unlink()
     summary = run(cfg, run_dir)  # rlq.train.run: the CLI's own build-train-close
     wall = summary["wall_s"]
-    final = evaluate_checkpoint(str(run_dir), episodes=episodes, seed=0)
-    best_path = run_dir / "checkpoints" / "best.pt"  # the best in-training evaluation's checkpoint (keep_best)
-    best = evaluate_checkpoint(str(best_path), episodes=episodes, seed=0)
-    best_step = int(torch.load(best_path, weights_only=True, map_location="cpu")["best_eval"]["step"])
     evals = read_metrics(run_dir, "eval")
     train = read_metrics(run_dir, "train")
     return {"agent": agent, "seed": seed, "steps": steps, "overrides": mine, "run_dir": str(run_dir),
-            "greedy_return": final["mean"], "greedy_std": final["std"], "episodes": episodes,
-            "sparsity": final["sparsity"]["overall"], "layers": final["sparsity"]["layers"],
-            "nonzero": final["sparsity"]["nonzero"], "params": final["sparsity"]["params"],
-            "best_return": best["mean"], "best_std": best["std"], "best_sparsity": best["sparsity"]["overall"],
-            "best_step": best_step,
+            **evaluate_run(run_dir, episodes), "inrun_eval_policy": inrun_eval_policy(agent, run_dir),
             "last5_eval": float(np.mean([e["return_mean"] for e in evals[-5:]])),
             "eval_curve": [(e["step"], e["return_mean"]) for e in evals],
             "sparsity_curve": [(r["step"], r.get("sparsity", 0.0)) for r in train],
             "sparser_selections": train[-1].get("sparser_selections"), "wall_s": wall, "sps": summary["sps"]}
+
+
+# EauDeQN's greedy acting (the in-training evaluations: eval curve, last-5, the choice of best.pt) used slot 0
+# before commit 47e9a0b (2026-12-01 21:45:36 UTC) and the selected network (the target) since
+POLICY_CHANGE = 1796161536.0
+
+
+def inrun_eval_policy(agent: str, run_dir: Path) -> str:
+    """What a run's in-training evaluations acted with, from when the run started."""
+    if agent != "eaudeqn":
+        return "online"
+    first = read_metrics(run_dir)[0]["time"]
+    return "slot 0" if first < POLICY_CHANGE else "selected network"
+
+
+def evaluate_run(run_dir: Path, episodes: int) -> dict:
+    """The final checkpoint and ``best.pt`` evaluated with ``rlq.evaluate``'s protocol (greedy, evaluation seeds
+    0..episodes-1) by the current code, and the final policy's sparsity."""
+    final = evaluate_checkpoint(str(run_dir), episodes=episodes, seed=0)
+    best_path = run_dir / "checkpoints" / "best.pt"  # the best in-training evaluation's checkpoint (keep_best)
+    best = evaluate_checkpoint(str(best_path), episodes=episodes, seed=0)
+    best_step = int(torch.load(best_path, weights_only=True, map_location="cpu")["best_eval"]["step"])
+    return {"greedy_return": final["mean"], "greedy_std": final["std"], "episodes": episodes,
+            "sparsity": final["sparsity"]["overall"], "layers": final["sparsity"]["layers"],
+            "nonzero": final["sparsity"]["nonzero"], "params": final["sparsity"]["params"],
+            "best_return": best["mean"], "best_std": best["std"], "best_sparsity": best["sparsity"]["overall"],
+            "best_step": best_step, "evaluated": time.strftime("%Y-%m-%d %H:%M")}
 
 
 def variant(r: dict) -> str:
@@ -185,12 +205,23 @@ def main() -> None:
     ap.add_argument("--runs", type=Path, default=Path("/work/runs_eau/cartpole"))
     ap.add_argument("--episodes", type=int, default=30)
     ap.add_argument("--report-only", action="store_true", help="rebuild the .md and .png from the stored rows")
+    ap.add_argument("--reevaluate", action="store_true",
+                    help="re-evaluate the stored rows of --agents (final and best checkpoints, --episodes) with the "
+                         "current code, then rebuild the report; nothing is trained")
     args, extra = ap.parse_known_args()
     RESULTS.mkdir(exist_ok=True)
     store = RESULTS / f"{NAME}.json"
-    if args.report_only:
-        rows = json.loads(store.read_text())
-        write_reports(rows)
+    if args.report_only or args.reevaluate:
+        with open(store, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            rows = json.loads(store.read_text())
+            if args.reevaluate:
+                for r in rows:
+                    if r["agent"] in args.agents:
+                        r.update(evaluate_run(Path(r["run_dir"]), args.episodes),
+                                 inrun_eval_policy=inrun_eval_policy(r["agent"], Path(r["run_dir"])))
+                store.write_text(json.dumps(rows, indent=1))
+            write_reports(rows)
         print(report(rows))
         return
     for agent in args.agents:

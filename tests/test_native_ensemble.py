@@ -175,6 +175,12 @@ def test_bad_inputs_are_one_line_errors():
     obs, act, y, w = _data(4, 4, 2)
     with pytest.raises(ValueError, match=r"an action is outside \[0, 2\)"):
         step.step(layers, obs, torch.tensor([0, 1, 2, 0]), y, w, 0.0)
+    with pytest.raises(ValueError, match="a member index is outside \\[0, 2\\)"):
+        step.forward(layers, obs, torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="the ensemble's first layer takes 4 inputs, got observations of 5 values"):
+        step.forward(layers, torch.zeros(3, 5))
+    with pytest.raises(ValueError, match="4 observations but 3 actions, 4 targets and 4 weights"):
+        step.step(layers, obs, act[:3], y, w, 0.0)
     with pytest.raises(ValueError, match="isa='avx2' is not an instruction-set path: choose one of scalar, avx512bf16"):
         ne.NativeEnsembleStep(layers, "avx2")
     assert ne.ensemble_linears(EnsembleQNetwork(make_ensemble_encoder(2, "cnn", (4, 84, 84)), 2)) is None

@@ -108,11 +108,12 @@ class QEnsembleAgent(DQNAgent):
                f"it runs on the CPU, not {self.device.type}" if self.device.type != "cpu" else
                "it needs MLP members (encoder=mlp, no fake-quant layers)" if layers is None else
                f"the native library is unavailable: {ne.status()}" if ne.lib() is None else "")
-        if mode == "auto":
-            return (ne.NativeEnsembleStep(layers) if not why and "avx512bf16" in ne.available_isas() else None), False
+        if mode == "auto" and (why or "avx512bf16" not in ne.available_isas()):
+            return None, False
         if why:
             raise ValueError(f"agent.native_step=true cannot be used: {why}")
-        return ne.NativeEnsembleStep(layers), True
+        self._native_chains = {id(net): ne.ensemble_linears(net) for net in (self.online, self.target)}
+        return ne.NativeEnsembleStep(layers), mode == "true"
 
     def _native_active(self) -> bool:
         return self._native is not None and (self._native_forced or torch.get_num_threads() == 1)
@@ -135,16 +136,8 @@ class QEnsembleAgent(DQNAgent):
         """``net(obs, members)`` -> (k, B, A) in fp32; its products in bf16 when ``agent.amp=bf16`` (a forward
         without gradients through the native step when it is active)."""
         if not torch.is_grad_enabled() and self._native_active():
-            return self._native.forward(self.native_layers(net), obs, members)
+            return self._native.forward(self._native_chains[id(net)], obs, members)
         return amp_forward(self.amp, self.device, net, obs, members)
-
-    def native_layers(self, net: nn.Module) -> list[nn.Module]:
-        """The EnsembleLinear chain of the online or target network (cached)."""
-        from rlq.nets.native_ensemble import ensemble_linears
-        cache = self.__dict__.setdefault("_native_layers", {})
-        if id(net) not in cache:
-            cache[id(net)] = (net, ensemble_linears(net))
-        return cache[id(net)][1]
 
     def td_target(self, batch: Batch) -> torch.Tensor:
         """``r + discount * max_a reduce_j Q̄_j(s', a)`` (Double: at the online mean's argmax), shape (B,)."""
@@ -174,7 +167,7 @@ class QEnsembleAgent(DQNAgent):
     def _native_update(self, batch: Batch) -> UpdateOut:
         """The update of :meth:`update` with forward, loss, backward and clip in one native call."""
         target = self.td_target(batch)
-        q, losses, norms = self._native.step(self.native_layers(self.online), batch.obs, batch.action, target,
+        q, losses, norms = self._native.step(self._native_chains[id(self.online)], batch.obs, batch.action, target,
                                              batch.weights, self.max_grad_norm)
         value = float(losses.sum())
         if math.isfinite(value) and not torch.isfinite(norms).all():

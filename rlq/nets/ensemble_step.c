@@ -32,7 +32,7 @@
 #define HAVE_BF16 0
 #endif
 
-#define ABI 1
+#define ABI 2
 #define MR 8 /* rows of a product tile */
 
 typedef uint16_t bf16;
@@ -323,12 +323,15 @@ static void member_forward(int L, int64_t B, float *const *W, float *const *bias
     }
 }
 
-/* Forward of k members (members: their indices, or NULL for 0..k-1): x (B x dims[0]) -> out (k, B, dims[L]). */
-int rlq_ens_forward(int isa, int k, const int64_t *members, int L, const int64_t *dims, float *const *W,
+/* Forward of k of the n members (members: their indices, or NULL for 0..k-1): x (B x dims[0]) -> out (k, B,
+ * dims[L]). Returns 0, or -1 for a bad shape or member index. */
+int rlq_ens_forward(int isa, int n, int k, const int64_t *members, int L, const int64_t *dims, float *const *W,
                     float *const *bias, int64_t B, const float *x, float *out, uint8_t *work) {
     layer_t layers[64];
     work_t w;
     if (L < 1 || L > 64 || B < 1) return -1;
+    for (int j = 0; members && j < k; j++)
+        if (members[j] < 0 || members[j] >= n) return -1;
     layout(L, dims, B, 0, work, &w, layers);
     w.isa = isa;
     first_input(x, B, &w, &layers[0], 0);

@@ -29,8 +29,9 @@ import torch
 from torch import nn
 
 SOURCE = Path(__file__).with_name("ensemble_step.c")
-ABI = 1
+ABI = 2
 ISAS = ("scalar", "avx512bf16")
+MAX_LAYERS = 64  # (ensemble_step.c's per-call layer table)
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -53,7 +54,7 @@ def _load() -> ctypes.CDLL | None:
     lib.rlq_ens_work_bytes.restype, lib.rlq_ens_work_bytes.argtypes = i64, [ci, vp, i64, ci]
     lib.rlq_ens_to_bf16.restype, lib.rlq_ens_to_bf16.argtypes = None, [ci, vp, i64, vp]
     lib.rlq_ens_forward.restype = ci
-    lib.rlq_ens_forward.argtypes = [ci, ci, vp, ci, vp, vp, vp, i64, vp, vp, vp]
+    lib.rlq_ens_forward.argtypes = [ci, ci, ci, vp, ci, vp, vp, vp, i64, vp, vp, vp]
     lib.rlq_ens_step.restype = ci
     lib.rlq_ens_step.argtypes = [ci, ci, ci, vp, vp, vp, vp, vp, i64, vp, vp, vp, vp, f, vp, vp, vp, vp]
     _status = f"native ({Path(lib._name).name}; {', '.join(available_isas(lib))})"
@@ -122,6 +123,8 @@ class NativeEnsembleStep:
         self._isa = ISAS.index(self.isa)
         self.n = layers[0].n
         self.dims = [layers[0].in_features] + [lin.out_features for lin in layers]
+        if len(layers) > MAX_LAYERS:
+            raise ValueError(f"the native ensemble step takes up to {MAX_LAYERS} layers, this network has {len(layers)}")
         for a, b in zip(layers[:-1], layers[1:]):
             if a.out_features != b.in_features or a.n != b.n:
                 raise ValueError("the native ensemble step needs a chain of EnsembleLinear layers of one ensemble")
@@ -143,19 +146,26 @@ class NativeEnsembleStep:
                 raise ValueError("the native ensemble step needs contiguous float32 CPU parameters")
         return ws, bs
 
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(x.shape[0], -1).float().contiguous()
+        if x.shape[1] != self.dims[0]:
+            raise ValueError(f"the ensemble's first layer takes {self.dims[0]} inputs, got observations of "
+                             f"{x.shape[1]} values")
+        return x
+
     def forward(self, layers: list[nn.Module], x: torch.Tensor, members: torch.Tensor | None = None) -> torch.Tensor:
         """``(k, B, A)`` fp32 Q-values of the selected members (all by default) for ``x (B, obs_dim)``."""
         ws, bs = self._params(layers)
-        x = x.reshape(x.shape[0], -1).float().contiguous()
+        x = self._rows(x)
         b = x.shape[0]
         idx = None if members is None else members.to(torch.int64).contiguous()
         k = self.n if idx is None else int(idx.numel())
         out = torch.empty(k, b, self.dims[-1])
-        rc = self.lib.rlq_ens_forward(self._isa, k, None if idx is None else idx.data_ptr(), len(ws), self._dims,
+        rc = self.lib.rlq_ens_forward(self._isa, self.n, k, None if idx is None else idx.data_ptr(), len(ws), self._dims,
                                       _ptrs(ws), _ptrs(bs), b, x.data_ptr(), out.data_ptr(),
                                       self._workspace(b, 0).data_ptr() + 63 & ~63)
         if rc:
-            raise ValueError(f"native ensemble forward: bad input of shape {tuple(x.shape)}")
+            raise ValueError(f"native ensemble forward: a member index is outside [0, {self.n}) or the batch is empty")
         return out
 
     def step(self, layers: list[nn.Module], obs: torch.Tensor, action: torch.Tensor, target: torch.Tensor,
@@ -168,10 +178,13 @@ class NativeEnsembleStep:
         for p in (*ws, *bs):
             if p.grad is None:
                 p.grad = torch.empty_like(p)
-        obs = obs.reshape(obs.shape[0], -1).float().contiguous()
+        obs = self._rows(obs)
         b = obs.shape[0]
         act = action.to(torch.int64).contiguous()
         y, wt = target.float().contiguous(), weights.float().contiguous()
+        if not act.numel() == y.numel() == wt.numel() == b:
+            raise ValueError(f"native ensemble step: {b} observations but {act.numel()} actions, {y.numel()} targets "
+                             f"and {wt.numel()} weights")
         q, loss, norms = torch.empty(self.n, b), torch.empty(self.n), torch.empty(self.n)
         rc = self.lib.rlq_ens_step(self._isa, self.n, len(ws), self._dims, _ptrs(ws), _ptrs(bs),
                                    _ptrs([p.grad for p in ws]), _ptrs([p.grad for p in bs]), b, obs.data_ptr(),
