@@ -106,16 +106,20 @@ def report(rows: list[dict]) -> str:
              "`rlq.evaluate`). Sparsity: zero fraction of the policy network's Linear weights, measured from the "
              "checkpoint (biases not counted). last-5 eval: mean of the last five in-training evaluations (10 episodes "
              "each, every 5k steps). best checkpoint: `checkpoints/best.pt` (`checkpoint.keep_best=true`: the "
-             "checkpoint of the best in-training evaluation), re-evaluated the same way, with its sparsity.", "",
+             "checkpoint of the best in-training evaluation), re-evaluated the same way, with its sparsity. "
+             "in-run evals: what the in-training evaluations (last-5, the choice of best.pt) acted with; EauDeQN's "
+             "greedy policy is the selected network since commit 47e9a0b, its earlier runs evaluated slot 0 "
+             "while training (their final and best checkpoints are re-evaluated with the selected network).", "",
              "| agent | seed | steps | overrides | greedy return | last-5 eval | sparsity | nonzero / weights | "
-             "sparser selections | best checkpoint: step, greedy return, sparsity | wall (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "sparser selections | best checkpoint: step, greedy return, sparsity | in-run evals | wall (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for a in agents:
         for r in sorted((r for r in rows if variant(r) == a), key=lambda r: r["seed"]):
             lines.append(f"| {r['agent']} | {r['seed']} | {r['steps']} | {' '.join(r['overrides']) or '-'} | "
                          f"{r['greedy_return']:.1f} ± {r['greedy_std']:.1f} ({r['episodes']} ep) | {r['last5_eval']:.1f} | "
                          f"{r['sparsity']:.1%} | {r['nonzero']} / {r['params']} | {r['sparser_selections'] or '-'} | "
-                         f"{r['best_step']}, {r['best_return']:.1f}, {r['best_sparsity']:.1%} | {r['wall_s']:.0f} |")
+                         f"{r['best_step']}, {r['best_return']:.1f}, {r['best_sparsity']:.1%} | "
+                         f"{r.get('inrun_eval_policy', '-')} | {r['wall_s']:.0f} |")
     lines += ["", "| agent | seeds | mean greedy return | mean last-5 eval | min / mean sparsity | best checkpoints: "
               "mean greedy return, min / mean sparsity |", "|---|---|---|---|---|---|"]
     means, last5, bests = {}, {}, {}
@@ -133,17 +137,19 @@ def report(rows: list[dict]) -> str:
         mine = {r["seed"]: r for r in rows if variant(r) == a}
         ref = {r["seed"]: r for r in rows if variant(r) == dqn}
         seeds = sorted(set(mine) & set(ref))  # paired: the seeds both were run on
-        if not seeds:
-            continue
-        parts = []
-        for key, what in (("greedy_return", "final greedy return"), ("last5_eval", "last-5 eval"),
-                          ("best_return", "best checkpoint's greedy return")):
-            x = np.array([mine[s][key] for s in seeds])
-            y = np.array([ref[s][key] for s in seeds])
-            low, high = ratio_ci(x, y)
-            parts.append(f"{what} {x.mean() / max(y.mean(), 1e-9):.1%} [{low:.1%}, {high:.1%}]")
-        lines += ["", f"{a} / {dqn}, on the {len(seeds)} seeds both ran ({', '.join(map(str, seeds))}): "
-                      + ", ".join(parts) + " (ratio of the means; 95% bootstrap CI over seeds, paired)."]
+        later = [s for s in seeds if mine[s].get("inrun_eval_policy") == "selected network"]
+        for subset, which in ((seeds, "on the"), (later if later != seeds else [], "runs started after 47e9a0b, on the")):
+            if not subset:
+                continue
+            parts = []
+            for key, what in (("greedy_return", "final greedy return"), ("last5_eval", "last-5 eval"),
+                              ("best_return", "best checkpoint's greedy return")):
+                x = np.array([mine[s][key] for s in subset])
+                y = np.array([ref[s][key] for s in subset])
+                low, high = ratio_ci(x, y)
+                parts.append(f"{what} {x.mean() / max(y.mean(), 1e-9):.1%} [{low:.1%}, {high:.1%}]")
+            lines += ["", f"{a} / {dqn}, {which} {len(subset)} seeds both ran ({', '.join(map(str, subset))}): "
+                          + ", ".join(parts) + " (ratio of the means; 95% bootstrap CI over seeds, paired)."]
     return "\n".join(lines) + "\n"
 
 
