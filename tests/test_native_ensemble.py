@@ -145,6 +145,19 @@ def test_avx512bf16_and_scalar_paths_give_the_same_bits(shape):
     assert torch.equal(step.forward(layers, obs, members), v[4][members])
 
 
+@pytest.mark.parametrize("isa", ["scalar", pytest.param("avx512bf16", marks=BF16)])
+def test_subnormal_sums_flush_to_zero_as_vdpbf16ps_does(isa):
+    """2^-70 * 2^-70 = 2^-140 is below fp32's normal range: flushed (both paths); 2^-120 is kept."""
+    net = _net(1, 2, (), 1)
+    layers = ne.ensemble_linears(net)
+    step = ne.NativeEnsembleStep(layers, isa)
+    for e, want in ((-70, 0.0), (-60, 2 * 2.0 ** -120)):
+        with torch.no_grad():
+            layers[0].weight.fill_(2.0 ** e)
+            layers[0].bias.zero_()
+        assert step.forward(layers, torch.full((1, 2), 2.0 ** e)).item() == want
+
+
 def test_forward_matches_the_fp32_network_up_to_bf16_rounding():
     net = _net(4, 6, (64, 64), 3)
     layers = ne.ensemble_linears(net)
