@@ -22,7 +22,7 @@ available.
 from __future__ import annotations
 
 import ctypes
-import threading
+import functools
 from pathlib import Path
 
 import torch
@@ -33,23 +33,18 @@ ABI = 2
 ISAS = ("scalar", "avx512bf16")
 MAX_LAYERS = 64  # (ensemble_step.c's per-call layer table)
 
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_status = "not loaded yet"
 
-
-def _load() -> ctypes.CDLL | None:
-    global _status
+@functools.cache
+def _loaded() -> tuple[ctypes.CDLL | None, str]:
+    """Build and load the library once per process: ``(library or None, status)``."""
     from rlq.quant.native import build_native
     lib, why = build_native(SOURCE, "rlq_ensemble_step", "RLQ_ENSEMBLE_NATIVE", ABI)
     if lib is None:
-        _status = why
-        return None
+        return None, why
     vp, i64, f, ci = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     lib.rlq_ens_abi.restype, lib.rlq_ens_abi.argtypes = ci, []
     if lib.rlq_ens_abi() != ABI:
-        _status = f"not used ({lib._name} has ABI {lib.rlq_ens_abi()}, need {ABI})"
-        return None
+        return None, f"not used ({lib._name} has ABI {lib.rlq_ens_abi()}, need {ABI})"
     lib.rlq_ens_has_bf16.restype, lib.rlq_ens_has_bf16.argtypes = ci, []
     lib.rlq_ens_work_bytes.restype, lib.rlq_ens_work_bytes.argtypes = i64, [ci, vp, i64, ci]
     lib.rlq_ens_to_bf16.restype, lib.rlq_ens_to_bf16.argtypes = None, [ci, vp, i64, vp]
@@ -57,24 +52,17 @@ def _load() -> ctypes.CDLL | None:
     lib.rlq_ens_forward.argtypes = [ci, ci, ci, vp, ci, vp, vp, vp, i64, vp, vp, vp]
     lib.rlq_ens_step.restype = ci
     lib.rlq_ens_step.argtypes = [ci, ci, ci, vp, vp, vp, vp, vp, i64, vp, vp, vp, vp, f, vp, vp, vp, vp]
-    _status = f"native ({Path(lib._name).name}; {', '.join(available_isas(lib))})"
-    return lib
+    return lib, f"native ({Path(lib._name).name}; {', '.join(available_isas(lib))})"
 
 
 def lib() -> ctypes.CDLL | None:
     """The loaded library, or None."""
-    global _lib
-    if _status == "not loaded yet":
-        with _lock:
-            if _status == "not loaded yet":
-                _lib = _load()
-    return _lib
+    return _loaded()[0]
 
 
 def status() -> str:
     """Whether the native step is available, with its instruction-set paths (or why not)."""
-    lib()
-    return _status
+    return _loaded()[1]
 
 
 def available_isas(lb: ctypes.CDLL | None = None) -> list[str]:
