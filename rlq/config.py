@@ -185,7 +185,8 @@ def validate(cfg: DictConfig) -> None:
     if a.get("distributional", False) and (a.get("n_critics", 2) != 2 or a.get("target_reduction", "min") != "min"):
         raise ConfigError(f"agent.n_critics={a.get('n_critics', 2)} / agent.target_reduction={a.get('target_reduction')!r}: "
                           f"{a.name} keeps its own distributional critics (use agent=sac or sac_n for critic ensembles)")
-    if "native_step" in a and str(a.native_step).lower() not in ("auto", "true", "false"):
+    from rlq.agents.qensemble import NATIVE_STEP
+    if "native_step" in a and str(a.native_step).lower() not in NATIVE_STEP:
         raise ConfigError(f"agent.native_step={a.native_step!r} is not a choice: use auto, true or false")
     if "target_reduction" in a:
         if a.target_reduction not in ("min", "mean", "redq"):

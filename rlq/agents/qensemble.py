@@ -112,7 +112,7 @@ class QEnsembleAgent(DQNAgent):
             return None, False
         if why:
             raise ValueError(f"agent.native_step=true cannot be used: {why}")
-        self._native_chains = {id(net): ne.ensemble_linears(net) for net in (self.online, self.target)}
+        self._native_chains = {id(self.online): layers, id(self.target): ne.ensemble_linears(self.target)}
         return ne.NativeEnsembleStep(layers), mode == "true"
 
     def _native_active(self) -> bool:

@@ -76,37 +76,41 @@ static void cvt_row(int isa, const float *src, int64_t n, bf16 *dst, int64_t n_p
     for (; k < n_pad; k++) dst[k] = 0;
 }
 
-/* dst[2k] = bf16(r0[k]), dst[2k+1] = bf16(r1[k]) (0 when r1 is NULL) for k < n; zero up to 2 * n_pad. */
-static void interleave2(int isa, const float *r0, const float *r1, int64_t n, bf16 *dst, int64_t n_pad) {
-    int64_t k = 0;
-#if HAVE_BF16
-    if (isa == 1) {
-        const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
-                                             22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-        for (; k + 16 <= n; k += 16) {
-            __m256i a = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(r0 + k));
-            __m256i b = r1 ? (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(r1 + k)) : _mm256_setzero_si256();
-            __m512i ab = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
-            _mm512_storeu_si512((void *)(dst + 2 * k), _mm512_permutexvar_epi16(idx, ab));
-        }
-    }
-#endif
-    (void)isa;
-    for (; k < n; k++) {
-        dst[2 * k] = to_bf16(r0[k]);
-        dst[2 * k + 1] = r1 ? to_bf16(r1[k]) : 0;
-    }
-    for (k = 2 * n; k < 2 * n_pad; k++) dst[k] = 0;
-}
-
 /* The conversion every operand goes through, for tests: dst[k] = bf16(src[k]). */
 void rlq_ens_to_bf16(int isa, const float *src, int64_t n, bf16 *dst) { cvt_row(isa, src, n, dst, n); }
 
-/* Rows of src (M x N, stride ld) in pairs: dst[p][n][j] = bf16(src[2p + j][n]), [pairs(M)][pad16(N)][2]. */
-static void interleave_rows(int isa, const float *src, int64_t M, int64_t N, int64_t ld, bf16 *dst) {
+/* bf16 rows of src (M x N, row stride ld) in pairs: dst[p][n][j] = src[(2p + j) * ld + n], [pairs(M)][pad16(N)][2],
+ * zero outside M rows and N columns. Every operand is converted to bf16 once (cvt_row); its interleaved layouts are
+ * built from those rows. */
+static void interleave_rows(const bf16 *src, int64_t M, int64_t N, int64_t ld, bf16 *dst) {
     int64_t NP = pad16(N);
-    for (int64_t p = 0; p < pairs(M); p++)
-        interleave2(isa, src + 2 * p * ld, 2 * p + 1 < M ? src + (2 * p + 1) * ld : NULL, N, dst + p * NP * 2, NP);
+    for (int64_t p = 0; p < pairs(M); p++) {
+        const bf16 *r0 = src + 2 * p * ld, *r1 = r0 + ld;
+        bf16 *d = dst + p * NP * 2;
+        int64_t n0 = 0;
+#if HAVE_BF16 /* (data movement only: the same bits as the loops below) */
+        const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                             22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+        for (; n0 + 16 <= N; n0 += 16) {
+            __m256i a = _mm256_loadu_si256((const __m256i *)(r0 + n0));
+            __m256i b = 2 * p + 1 < M ? _mm256_loadu_si256((const __m256i *)(r1 + n0)) : _mm256_setzero_si256();
+            __m512i ab = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
+            _mm512_storeu_si512((void *)(d + 2 * n0), _mm512_permutexvar_epi16(idx, ab));
+        }
+#endif
+        if (2 * p + 1 < M) {
+            for (int64_t n = n0; n < N; n++) {
+                d[2 * n] = r0[n];
+                d[2 * n + 1] = r1[n];
+            }
+        } else {
+            for (int64_t n = n0; n < N; n++) {
+                d[2 * n] = r0[n];
+                d[2 * n + 1] = 0;
+            }
+        }
+        for (int64_t n = 2 * N; n < 2 * NP; n++) d[n] = 0;
+    }
 }
 
 /* dst[p * MP + m] = src[m * ld + p] for 32-bit words, m < M (zero up to MP = pad16(M)), p < P; in 16 x 16
@@ -279,7 +283,7 @@ int64_t rlq_ens_work_bytes(int L, const int64_t *dims, int64_t B, int step) {
 /* The next layer's operands from relu(h^T + bias) (d x B): xv by interleaving rows, xb by a transpose. */
 static void next_input(const float *hT, const float *bias, int64_t B, int64_t d, work_t *w, layer_t *next,
                        int step) {
-    int64_t BP = 2 * pairs(B), NPB = pad16(B);
+    int64_t BP = 2 * pairs(B);
     bf16 *r = w->rows; /* [d][BP] */
     float *v = w->g;   /* (the fp32 relu output row by row; g is free during the forward) */
     for (int64_t o = 0; o < d; o++) {
@@ -290,18 +294,16 @@ static void next_input(const float *hT, const float *bias, int64_t B, int64_t d,
             v[o * B + b] = x > 0.0f ? x : 0.0f;
         }
     }
-    for (int64_t p = 0; p < pairs(d); p++)
-        interleave2(w->isa, v + 2 * p * B, 2 * p + 1 < d ? v + (2 * p + 1) * B : NULL, B, next->xv + p * NPB * 2, NPB);
-    if (!step) return;
     for (int64_t o = 0; o < d; o++) cvt_row(w->isa, v + o * B, B, r + o * BP, BP);
-    transpose_words((const uint32_t *)r, d, BP / 2, BP / 2, (uint32_t *)next->xb);
+    interleave_rows(r, d, B, BP, next->xv);
+    if (step) transpose_words((const uint32_t *)r, d, BP / 2, BP / 2, (uint32_t *)next->xb);
 }
 
 static void first_input(const float *x, int64_t B, work_t *w, layer_t *first, int step) {
     int64_t d = first->din, ld = 2 * pairs(d);
     for (int64_t b = 0; b < B; b++) cvt_row(w->isa, x + b * d, d, w->rows + b * ld, ld); /* bf16 rows, B x d */
     transpose_words((const uint32_t *)w->rows, B, ld / 2, ld / 2, (uint32_t *)first->xv);
-    if (step) interleave_rows(w->isa, x, B, d, d, first->xb);
+    if (step) interleave_rows(w->rows, B, d, ld, first->xb);
 }
 
 /* Member i's forward into out (B x dims[L], fp32). */
@@ -312,7 +314,7 @@ static void member_forward(int L, int64_t B, float *const *W, float *const *bias
         const float *wi = W[l] + i * t->dout * t->din, *bi = bias[l] + i * t->dout;
         int64_t ld = 2 * pairs(t->din);
         for (int64_t o = 0; o < t->dout; o++) cvt_row(w->isa, wi + o * t->din, t->din, t->wr + o * ld, ld);
-        if (step && l > 0) interleave_rows(w->isa, wi, t->dout, t->din, t->din, t->wb);
+        if (step && l > 0) interleave_rows(t->wr, t->dout, t->din, ld, t->wb);
         gemm(w->isa, t->dout, B, pairs(t->din), t->wr, ld / 2, 1, t->xv, pad16(B), w->h, B);
         if (l < L - 1) {
             next_input(w->h, bi, B, t->dout, w, &w->layers[l + 1], step);
@@ -378,11 +380,11 @@ int rlq_ens_step(int isa, int n, int L, const int64_t *dims, float *const *W, fl
             for (int64_t b = 0; b < B; b++)
                 for (int64_t o = 0; o < dout; o++) gb[o] += g[b * dout + o];
             sq += sumsq(gb, dout);
-            interleave_rows(isa, g, B, dout, dout, w.gi);           /* word (o, p) at p * NPo + o */
+            for (int64_t b = 0; b < B; b++) cvt_row(isa, g + b * dout, dout, w.rows + b * ldr, ldr);
+            interleave_rows(w.rows, B, dout, ldr, w.gi); /* word (o, p) at p * NPo + o */
             gemm(isa, dout, din, pairs(B), w.gi, 1, NPo, t->xb, pad16(din), gw, din);
             sq += sumsq(gw, dout * din);
             if (l == 0) break;
-            for (int64_t b = 0; b < B; b++) cvt_row(isa, g + b * dout, dout, w.rows + b * ldr, ldr);
             gemm(isa, B, din, pairs(dout), w.rows, ldr / 2, 1, t->wb, pad16(din), w.h, din); /* dL/dx = g . W */
             int64_t NP = pad16(din);
             for (int64_t p = 0; p < pairs(B); p++) { /* through the ReLU below: x > 0, read in xb's batch pairs */
